@@ -1,0 +1,35 @@
+# Set-up is two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench bench-quick lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The pinned CPU build first (a looser requirement would pull gigabytes of CUDA packages).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qkv demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	@for f in benchmarks/*.py; do echo "# $$f" >&2; $(PY) $$f || exit 1; done
+
+bench-quick: $(STAMP)
+	@for f in benchmarks/*.py; do echo "# $$f" >&2; $(PY) $$f --quick || exit 1; done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check qkv tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

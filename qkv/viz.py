@@ -1,0 +1,50 @@
+"""Pictures of attention with matplotlib (Agg backend: works headless)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write the figure atomically: a half-written PNG never replaces a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_heads(weights: torch.Tensor, query_labels: Sequence[str], key_labels: Sequence[str],
+               path: str | os.PathLike, *, title: str = "") -> Path:
+    """A grid of heatmaps, one per head. weights (H, T, S); rows are queries, columns keys."""
+    if weights.dim() != 3:
+        raise ValueError(f"weights must have shape (H, T, S), got {tuple(weights.shape)}")
+    H, T, S = weights.shape
+    if len(query_labels) != T or len(key_labels) != S:
+        raise ValueError(f"need {T} query labels and {S} key labels, got {len(query_labels)} and {len(key_labels)}")
+    cols = min(H, 4)
+    rows = math.ceil(H / cols)
+    cell = max(2.5, 0.28 * max(T, S))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        if h >= H:
+            ax.axis("off")
+            continue
+        ax.imshow(weights[h].detach().float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"head {h}")
+        ax.set_xticks(range(S), key_labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(T), query_labels, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
