@@ -1,0 +1,247 @@
+"""Checkpoints that describe themselves and survive crashes.
+
+A run directory holds::
+
+    config.json                 the resolved config (task, data, model, train, decode)
+    <tokenizer files>           written by the task (e.g. src_tokenizer.json)
+    metrics.jsonl               one JSON object per logged step / evaluation
+    model.safetensors           the final (optionally averaged) weights
+    checkpoints/step_00001000/  model.safetensors, train_state.pt, meta.json
+    checkpoints/latest          the name of the newest complete checkpoint
+
+Every file is written to a temporary name, fsync'ed and renamed; a checkpoint folder is filled
+under a temporary name and renamed whole, then ``latest`` is switched. A crash at any moment
+leaves the previous checkpoint intact and ``latest`` pointing at a complete one.
+Weights are safetensors; the training state (optimizer, RNG) is loaded with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from qkv.errors import CheckpointError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+STATE = "train_state.pt"
+META = "meta.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without the second name of tied weights (safetensors refuses shared storage)."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def save_weights(model: torch.nn.Module, path: Path, *, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write the model's weights as safetensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(unique_state_dict(model), tmp, metadata=metadata)
+        _fsync_file(Path(tmp))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read safetensors weights; a missing, truncated or malformed file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load weights into ``model``; missing or unexpected tensors name the file."""
+    tensors = read_weights(path)
+    expected = unique_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(model.state_dict()))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "is it a checkpoint of another model family or size?"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy arrays are not allowed by weights_only loading; store the key as a tensor
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, train_state: dict[str, Any],
+                    meta: dict[str, Any], *, keep: int, protect: set[str] = frozenset()) -> Path:
+    """Write checkpoints/step_N whole, switch ``latest`` to it, and keep the newest ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        save_weights(model, tmp / WEIGHTS)
+        torch.save(train_state, tmp / STATE)
+        _fsync_file(tmp / STATE)
+        atomic_write_bytes(tmp / META, json.dumps({"step": step, **meta}, indent=2).encode())
+        final = root / name
+        if final.exists():  # re-saving a step (after a resume): move the old one aside first
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(root / "latest", name.encode())
+    _rotate(root, keep=keep, protect=set(protect) | {name})
+    return final
+
+
+def _rotate(root: Path, *, keep: int, protect: set[str]) -> None:
+    steps = list_checkpoints(root.parent)
+    for old in steps[:-keep] if keep > 0 else []:
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / META).exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint named by ``latest``, or the newest complete one if that file is missing."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / META).exists():
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def cleanup_partial(run_dir: Path) -> None:
+    """Remove temporary folders and files left by a save that was interrupted."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def load_train_state(checkpoint: Path) -> dict[str, Any]:
+    """The optimizer/scheduler/RNG/data position saved with a checkpoint (weights_only=True)."""
+    path = Path(checkpoint) / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: training state not found") from None
+    except Exception as err:  # a corrupt or malicious pickle must not crash or execute
+        raise CheckpointError(f"{path}: not a readable training state ({type(err).__name__}: {err})") from None
+
+
+def average_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of several checkpoints' weights (sec. 6.1: the last 5 or 20 averaged)."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        for name, tensor in read_weights(Path(path) / WEIGHTS).items():
+            total[name] = total.get(name, 0) + tensor.double()
+    return {name: (t / len(paths)).float() for name, t in total.items()}
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved config of a run directory, with a clear error when it is not one."""
+    path = Path(run_dir) / CONFIG
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: not a qkv run directory ({CONFIG} is missing)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: malformed config ({err})") from None

@@ -1,0 +1,181 @@
+"""Strict configuration: YAML files -> frozen dataclasses, with ``--set key=value`` overrides.
+
+A run config has a ``task`` (which picks the model family's dataclasses) and sections
+``data``, ``model``, ``train`` and ``decode``. Unknown keys and values of the wrong type are
+errors that name the key and the file. The resolved config is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qkv.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe. Defaults are the paper's (sec. 5.3, 5.4) where it gives one."""
+
+    optimizer: str = "adam"          # "adam" (paper) or "adamw"
+    lr: float = 7e-4                 # peak learning rate; the paper's d_model^-0.5 * warmup^-0.5 for base
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    schedule: str = "noam"           # "noam" (= inverse square root), "cosine", "linear", "constant"
+    warmup_steps: int = 4000
+    min_lr_ratio: float = 0.0        # cosine/linear decay floor, as a fraction of lr
+    max_steps: int = 100_000
+    label_smoothing: float = 0.1
+    clip_grad_norm: float = 0.0      # 0 = no clipping
+    accumulate: int = 1              # micro-batches per optimizer step
+    precision: str = "auto"          # "auto" (bf16 autocast on CUDA with bf16, else fp32), "fp32", "bf16"
+    compile: bool = False            # torch.compile the model for training
+    log_every: int = 50
+    eval_every: int = 1000
+    save_every: int = 1000
+    keep_checkpoints: int = 5
+    average_last: int = 0            # average the last k checkpoints into the final model (sec. 6.1)
+    patience: int = 0                # early stopping after this many evaluations without improvement; 0 = off
+    on_nan: str = "stop"             # "stop" or "skip" the step when the loss is NaN/Inf
+    max_skipped: int = 10            # with on_nan="skip": stop after this many consecutive bad steps
+    seed: int = 1
+    device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
+
+    def __post_init__(self):
+        choices = {"optimizer": ("adam", "adamw"), "schedule": ("noam", "cosine", "linear", "constant"),
+                   "precision": ("auto", "fp32", "bf16"), "on_nan": ("stop", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = ("lr", "max_steps", "accumulate", "log_every", "eval_every", "save_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.average_last > self.keep_checkpoints:
+            raise ConfigError(f"train.average_last={self.average_last} needs train.keep_checkpoints >= it, "
+                              f"got {self.keep_checkpoints}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return ``value`` converted to ``annotation`` (ints for floats, lists for tuples) or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[-1]
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        return tuple(_check_type(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, kinds)))
+    if origin is list:
+        (kind,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, kind, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    if annotation is Any:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict | None, *, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data`` strictly: unknown keys and wrong types are errors."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})")
+    values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def to_dict(config: Any) -> Any:
+    """Dataclasses -> plain dicts/lists (tuples become lists) for YAML/JSON."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict, in order."""
+    data = json.loads(json.dumps(data))  # a deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[leaf] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with errors that name the file (and line, for syntax errors)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        raise ConfigError(f"{path}: config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temp file, fsync, rename)."""
+    from qkv.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())

@@ -1,0 +1,1 @@
+"""Model families, one file each; they share qkv.blocks and never inherit from one another."""

@@ -1,0 +1,57 @@
+"""Token embeddings and absolute positions, shared by the model families."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qkv.positional import ALiBi, LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding
+
+POSITIONAL = ("sinusoidal", "learned", "rope", "alibi", "none")
+
+
+def check_positional(kind: str) -> None:
+    if kind not in POSITIONAL:
+        raise ValueError(f"positional must be one of {POSITIONAL}, got {kind!r}")
+
+
+def absolute_positions(kind: str, d_model: int, max_len: int) -> nn.Module | None:
+    """The module added to embeddings for 'sinusoidal' / 'learned'; None for relative schemes."""
+    check_positional(kind)
+    if kind == "sinusoidal":
+        return SinusoidalPositionalEncoding(d_model, max_len)
+    if kind == "learned":
+        return LearnedPositionalEmbedding(max_len, d_model)
+    return None
+
+
+def relative_positions(kind: str, n_heads: int, head_dim: int, max_len: int) -> dict:
+    """Keyword arguments for the blocks: {'rope': ...} or {'alibi': ...} or {}."""
+    check_positional(kind)
+    if kind == "rope":
+        return {"rope": RotaryEmbedding(head_dim, max_len=max_len)}
+    if kind == "alibi":
+        return {"alibi": ALiBi(n_heads)}
+    return {}
+
+
+class TokenEmbedding(nn.Module):
+    """Sec. 3.4: learned embeddings, multiplied by sqrt(d_model) when ``scale`` (the paper does)."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, pad_id: int | None = None, scale: bool = True):
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        nn.init.normal_(self.weight, std=d_model ** -0.5 if scale else 0.02)
+        self.pad_id = pad_id
+        self.scale = math.sqrt(d_model) if scale else 1.0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> (B, T, D)."""
+        vocab = self.weight.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
+        return nn.functional.embedding(ids, self.weight) * self.scale

@@ -1,0 +1,109 @@
+"""Run configs and run directories: which task, its sections, and rebuilding a trained model.
+
+``load_config(path, overrides)`` turns a YAML file into a :class:`RunConfig`;
+``load_run(run_dir)`` rebuilds a trained model and its tokenizers with no hyperparameter restated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qkv import checkpoint as ckpt
+from qkv.config import TrainConfig, apply_overrides, from_dict, read_yaml, to_dict, write_json
+from qkv.errors import CheckpointError, ConfigError
+from qkv.tasks import TASKS, TaskSpec
+
+SECTIONS = ("task", "data", "model", "train", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    task: str
+    data: Any
+    model: Any
+    train: TrainConfig
+    decode: Any
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.task]
+
+
+def from_mapping(data: dict, *, source: str) -> RunConfig:
+    """Strictly build a RunConfig from plain data; ``source`` names the file in errors."""
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section {unknown[0]!r} (sections: {', '.join(SECTIONS)})")
+    task = data.get("task")
+    if task not in TASKS:
+        raise ConfigError(f"{source}: task must be one of {sorted(TASKS)}, got {task!r}")
+    spec = TASKS[task]
+    return RunConfig(
+        task=task,
+        data=from_dict(spec.data_config, data.get("data"), where=f"{source}: data"),
+        model=from_dict(spec.model_config, data.get("model"), where=f"{source}: model"),
+        train=from_dict(TrainConfig, data.get("train"), where=f"{source}: train"),
+        decode=from_dict(spec.decode_config, data.get("decode"), where=f"{source}: decode"),
+    )
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """YAML file + ``--set`` overrides -> RunConfig."""
+    return from_mapping(apply_overrides(read_yaml(path), list(overrides)), source=str(path))
+
+
+def save_config(run_dir: Path, cfg: RunConfig) -> None:
+    write_json(Path(run_dir) / ckpt.CONFIG, to_dict(cfg))
+
+
+def read_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """The resolved config saved in a run directory (with optional overrides)."""
+    data = ckpt.read_config(Path(run_dir))
+    return from_mapping(apply_overrides(data, list(overrides)), source=str(Path(run_dir) / ckpt.CONFIG))
+
+
+def weights_path(run_dir: Path) -> Path:
+    """The final weights, or the newest checkpoint's while training is still going."""
+    final = Path(run_dir) / ckpt.WEIGHTS
+    if final.is_file():
+        return final
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is None:
+        raise CheckpointError(f"{run_dir}: no model weights ({ckpt.WEIGHTS}) and no checkpoint")
+    return last / ckpt.WEIGHTS
+
+
+def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu", task: str | None = None):
+    """Rebuild (cfg, model in eval mode, task-specific artifacts such as tokenizers) from a run dir.
+
+    ``task`` checks the run's family (e.g. 'translate' needs a 'translation' run).
+    """
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if task is not None and cfg.task != task:
+        raise CheckpointError(f"{run_dir}: this is a {cfg.task!r} run, but the command needs a {task!r} run")
+    artifacts = cfg.spec.load_artifacts(cfg, run_dir)
+    model = cfg.spec.build_model(cfg)
+    ckpt.load_weights(model, weights_path(run_dir))
+    return cfg, model.to(device).eval(), artifacts
+
+
+def train_run(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, resume: bool = False,
+              progress: bool = False) -> dict:
+    """Read the data, build the model, train, and leave a complete run directory behind."""
+    from qkv.train import Trainer
+
+    run_dir = Path(run_dir)
+    if not resume and (run_dir / ckpt.CONFIG).exists():
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    if resume and not (run_dir / ckpt.CONFIG).exists():
+        raise CheckpointError(f"{run_dir}: nothing to resume (no {ckpt.CONFIG})")
+    task = cfg.spec.make_task(cfg, run_dir, resume=resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run_dir, task.cfg)
+    trainer = Trainer(task, task.cfg.train, run_dir, device=device, progress=progress)
+    return trainer.fit(resume=resume)

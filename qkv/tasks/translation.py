@@ -1,0 +1,214 @@
+"""Translation: parallel text -> BPE -> the encoder-decoder Transformer -> BLEU.
+
+Data: two aligned files ``{dir}/{split}.{lang}`` or a TSV with two chosen columns. Source ids
+are ``tokens + [EOS]``; the decoder reads ``[BOS] + y`` and predicts ``y + [EOS]`` (sec. 3).
+Loss: cross-entropy with label smoothing (sec. 5.4) over non-padding target tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qkv.data.batching import collate_pairs, token_batches
+from qkv.data.parallel import ParallelCorpus, read_parallel, read_parallel_tsv
+from qkv.data.tokenizer import TextTokenizer, train_translation_tokenizers
+from qkv.errors import DataError
+from qkv.models.transformer import Transformer, TransformerConfig
+from qkv.tasks import TaskSpec, register
+
+log = logging.getLogger(__name__)
+
+SRC_TOKENIZER, TGT_TOKENIZER = "src_tokenizer.json", "tgt_tokenizer.json"
+
+
+@dataclass(frozen=True)
+class TranslationData:
+    """Where the parallel text is and how it becomes batches."""
+
+    dir: str = "data/multi30k"       # aligned files {dir}/{train}.{src_lang} and {dir}/{train}.{tgt_lang}
+    train: str = "train"
+    valid: str = "val"
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    tsv_train: str | None = None     # instead: a TSV file with columns src_column and tgt_column
+    tsv_valid: str | None = None
+    src_column: str = "src"
+    tgt_column: str = "tgt"
+    vocab_size: int = 8000
+    joint_vocab: bool = True         # one BPE vocabulary for both languages (needed to share embeddings)
+    min_frequency: int = 2
+    max_tokens: int = 4096           # tokens per batch and side, padding included
+    max_len: int = 256               # tokens per sentence; longer ones follow on_long
+    on_long: str = "error"           # "error" (names the line), "skip" or "truncate"
+    max_chars: int = 4096            # longer lines are reported before tokenising
+    skip_empty: bool = False         # drop pairs with an empty side (counted) instead of failing
+    bleu_sentences: int = 0          # validation sentences translated for BLEU during training; 0 = all
+
+    def __post_init__(self):
+        if self.on_long not in ("error", "skip", "truncate"):
+            raise ValueError(f"on_long must be 'error', 'skip' or 'truncate', got {self.on_long!r}")
+        if self.max_tokens < self.max_len + 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be > max_len={self.max_len}")
+
+
+@dataclass(frozen=True)
+class TranslationDecode:
+    """Sec. 6.1: beam size 4, length penalty alpha = 0.6, maximum output length input + 50."""
+
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    max_len_b: int = 50
+    batch_size: int = 64
+    eval_beam_size: int = 1          # beam used for BLEU during training (1 = greedy, fast)
+
+
+def split_files(data: TranslationData, split: str) -> tuple[str, str]:
+    """How the two sides of a split are named in messages: file names, or TSV file + column."""
+    tsv = data.tsv_train if split == "train" else data.tsv_valid
+    if tsv is not None:
+        return f"{tsv} (column {data.src_column!r})", f"{tsv} (column {data.tgt_column!r})"
+    stem = Path(data.dir) / (data.train if split == "train" else data.valid)
+    return f"{stem}.{data.src_lang}", f"{stem}.{data.tgt_lang}"
+
+
+def read_split(data: TranslationData, split: str) -> ParallelCorpus:
+    tsv = data.tsv_train if split == "train" else data.tsv_valid
+    if tsv is not None:
+        return read_parallel_tsv(tsv, src_col=data.src_column, tgt_col=data.tgt_column,
+                                 max_chars=data.max_chars, skip_empty=data.skip_empty)
+    src, tgt = split_files(data, split)
+    return read_parallel(src, tgt, max_chars=data.max_chars, skip_empty=data.skip_empty)
+
+
+def _line_numbers(corpus: ParallelCorpus) -> list[int]:
+    skipped = set(corpus.skipped)
+    lines = (n for n in range(1, len(corpus) + len(skipped) + 1) if n not in skipped)
+    return list(lines)
+
+
+def encode_corpus(corpus: ParallelCorpus, src_tok: TextTokenizer, tgt_tok: TextTokenizer,
+                  data: TranslationData, names: tuple[str, str]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each pair (source + EOS, target without specials); over-long pairs per on_long."""
+    src_ids = src_tok.encode_batch(corpus.src)
+    tgt_ids = tgt_tok.encode_batch(corpus.tgt)
+    out, dropped = [], 0
+    for s, t, line in zip(src_ids, tgt_ids, _line_numbers(corpus)):
+        if len(s) + 1 > data.max_len or len(t) + 1 > data.max_len:
+            if data.on_long == "error":
+                name, n = (names[0], len(s) + 1) if len(s) + 1 > data.max_len else (names[1], len(t) + 1)
+                raise DataError(f"{name}:{line}: sentence of {n} tokens is longer than data.max_len="
+                                f"{data.max_len} (raise it, or set data.on_long=skip or truncate)")
+            if data.on_long == "skip":
+                dropped += 1
+                continue
+            s, t = s[: data.max_len - 1], t[: data.max_len - 1]
+        out.append((s + [src_tok.eos_id], t))
+    if dropped:
+        log.warning("%s: skipped %d pairs longer than %d tokens", corpus.source, dropped, data.max_len)
+    if not out:
+        raise DataError(f"{corpus.source}: no usable sentence pairs")
+    return out
+
+
+def model_config(cfg, src_tok: TextTokenizer, tgt_tok: TextTokenizer) -> TransformerConfig:
+    """The model section with vocabulary sizes and special ids filled in from the tokenizers."""
+    return replace(cfg.model, src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size,
+                   pad_id=tgt_tok.pad_id, bos_id=tgt_tok.bos_id, eos_id=tgt_tok.eos_id,
+                   max_len=max(cfg.model.max_len, cfg.data.max_len + cfg.decode.max_len_b + 1))
+
+
+def load_tokenizers(run_dir: Path) -> tuple[TextTokenizer, TextTokenizer]:
+    return TextTokenizer.load(Path(run_dir) / SRC_TOKENIZER), TextTokenizer.load(Path(run_dir) / TGT_TOKENIZER)
+
+
+class TranslationTask:
+    """Reads and validates all data up front, so bad input fails before the first step."""
+
+    primary_metric = ("bleu", "max")
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
+        data = cfg.data
+        train = read_split(data, "train")
+        valid = read_split(data, "valid")
+        if resume:
+            self.src_tok, self.tgt_tok = load_tokenizers(run_dir)
+        else:
+            self.src_tok, self.tgt_tok = train_translation_tokenizers(
+                train.pairs, data.vocab_size, joint=data.joint_vocab, min_frequency=data.min_frequency)
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.src_tok.save(Path(run_dir) / SRC_TOKENIZER)
+            self.tgt_tok.save(Path(run_dir) / TGT_TOKENIZER)
+        self.cfg = replace(cfg, model=model_config(cfg, self.src_tok, self.tgt_tok))
+        self.train_ids = encode_corpus(train, self.src_tok, self.tgt_tok, data, split_files(data, "train"))
+        self.valid_ids = encode_corpus(valid, self.src_tok, self.tgt_tok, data, split_files(data, "valid"))
+        self.valid = valid
+        log.info("translation data: %d training pairs, %d validation pairs, vocab %d/%d", len(self.train_ids),
+                 len(self.valid_ids), self.src_tok.vocab_size, self.tgt_tok.vocab_size)
+
+    def build_model(self) -> Transformer:
+        return Transformer(self.cfg.model)
+
+    def _batches(self, pairs, *, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> list[dict]:
+        lengths = [(len(s), len(t) + 1) for s, t in pairs]
+        index_batches = token_batches(lengths, self.cfg.data.max_tokens, shuffle=shuffle, seed=self.cfg.train.seed,
+                                      epoch=epoch, rank=rank, world_size=world_size)
+        m = self.cfg.model
+        return [collate_pairs([pairs[i] for i in idx], pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id)
+                for idx in index_batches]
+
+    def train_batches(self, epoch: int, *, rank: int, world_size: int) -> list[dict]:
+        return self._batches(self.train_ids, epoch=epoch, shuffle=True, rank=rank, world_size=world_size)
+
+    def loss(self, model, batch: dict, *, label_smoothing: float) -> tuple[torch.Tensor, int]:
+        logits = model(batch["src"], batch["tgt_in"])  # (B, T, V)
+        return sequence_loss(logits, batch["tgt_out"], pad_id=self.cfg.model.pad_id,
+                             label_smoothing=label_smoothing)
+
+    def evaluate(self, model) -> dict[str, float]:
+        from qkv.decode import translate
+        from qkv.metrics import bleu
+
+        device = next(model.parameters()).device
+        total, tokens = 0.0, 0
+        for batch in self._batches(self.valid_ids, epoch=0, shuffle=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, n = self.loss(model, batch, label_smoothing=0.0)
+            total, tokens = total + float(loss) * n, tokens + n
+        n_bleu = self.cfg.data.bleu_sentences or len(self.valid)
+        d = self.cfg.decode
+        hyps = translate(model, self.src_tok, self.tgt_tok, self.valid.src[:n_bleu], beam_size=d.eval_beam_size,
+                         length_penalty=d.length_penalty, batch_size=d.batch_size, device=device)
+        score = bleu(hyps, self.valid.tgt[:n_bleu])
+        return {"loss": total / max(tokens, 1), "bleu": score["score"]}
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, *, pad_id: int,
+                  label_smoothing: float) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over non-pad targets. logits (B, T, V), targets (B, T) -> (loss, n_tokens).
+
+    A batch whose targets are all padding gives loss 0 (not NaN) and n_tokens 0.
+    """
+    n_tokens = int((targets != pad_id).sum())
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=pad_id, label_smoothing=label_smoothing, reduction="sum")
+    return loss_sum / max(n_tokens, 1), n_tokens
+
+
+def _build_model(cfg) -> Transformer:
+    return Transformer(cfg.model)
+
+
+register(TaskSpec(
+    name="translation",
+    data_config=TranslationData,
+    model_config=TransformerConfig,
+    decode_config=TranslationDecode,
+    make_task=TranslationTask,
+    build_model=_build_model,
+    load_artifacts=lambda cfg, run_dir: load_tokenizers(run_dir),
+))
