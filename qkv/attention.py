@@ -137,6 +137,8 @@ def scaled_dot_product_attention(
         raise ValueError(f"q and k must have the same head dim, got {Dh} and {k.shape[-1]}")
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"k and v must have the same (B, H), got {tuple(k.shape[:2])} and {tuple(v.shape[:2])}")
+    if k.shape[0] != B and 1 not in (B, k.shape[0]):
+        raise ValueError(f"q and k must have the same batch size B, got {B} and {k.shape[0]}")
     if H % Hkv != 0:
         raise ValueError(f"query heads H={H} must be a multiple of key/value heads {Hkv}")
     if not 0.0 <= dropout_p < 1.0:
@@ -146,7 +148,10 @@ def scaled_dot_product_attention(
     if bias is not None:
         if not bias.is_floating_point():
             raise ValueError(f"bias must be a floating-point tensor, got dtype {bias.dtype}")
-        check_bias_shape = torch.broadcast_shapes(bias.shape, (B, H, T, S))
+        try:
+            check_bias_shape = torch.broadcast_shapes(bias.shape, (B, H, T, S))
+        except RuntimeError:
+            check_bias_shape = None
         if check_bias_shape != torch.Size((B, H, T, S)):
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to {(B, H, T, S)}")
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
@@ -207,10 +212,11 @@ def multiplicative_attention(
         scores = q @ k.transpose(-2, -1)  # (..., T, S)
     else:
         if weight.shape != (q.shape[-1], k.shape[-1]):
-            raise ValueError(f"weight must have shape (Dq, Dk) = {(q.shape[-1], k.shape[-1])}, got {tuple(weight.shape)}")
+            expected = (q.shape[-1], k.shape[-1])
+            raise ValueError(f"weight must have shape (Dq, Dk) = {expected}, got {tuple(weight.shape)}")
         scores = (q @ weight) @ k.transpose(-2, -1)  # (..., T, Dk) @ (..., Dk, S) -> (..., T, S)
     if mask is not None:
-        check_mask(mask, "mask")
+        check_mask(mask, "mask", tuple(scores.shape))
     out, weights = attention_from_scores(scores, v, mask=mask)
     return (out, weights) if return_weights else out
 
@@ -244,6 +250,6 @@ def additive_attention(
     hidden = torch.tanh(projected_q.unsqueeze(-2) + projected_k.unsqueeze(-3))  # (..., T, S, A)
     scores = hidden @ v_a  # (..., T, S)
     if mask is not None:
-        check_mask(mask, "mask")
+        check_mask(mask, "mask", tuple(scores.shape))
     out, weights = attention_from_scores(scores, v, mask=mask)
     return (out, weights) if return_weights else out

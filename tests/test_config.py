@@ -63,7 +63,8 @@ def test_presets_load():
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.task == "translation"
     paper = load_config("configs/paper-base.yaml")
-    assert (paper.model.d_model, paper.model.n_heads, paper.model.d_ff, paper.model.n_encoder_layers) == (512, 8, 2048, 6)
+    m = paper.model
+    assert (m.d_model, m.n_heads, m.d_ff, m.n_encoder_layers, m.n_decoder_layers) == (512, 8, 2048, 6, 6)
     assert paper.model.norm_first is False and paper.model.positional == "sinusoidal"
     assert paper.train.betas == (0.9, 0.98) and paper.train.eps == 1e-9 and paper.train.warmup_steps == 4000
     assert paper.train.label_smoothing == 0.1 and paper.decode.beam_size == 4 and paper.decode.length_penalty == 0.6

@@ -85,19 +85,13 @@ def read_split(data: TranslationData, split: str) -> ParallelCorpus:
     return read_parallel(src, tgt, max_chars=data.max_chars, skip_empty=data.skip_empty)
 
 
-def _line_numbers(corpus: ParallelCorpus) -> list[int]:
-    skipped = set(corpus.skipped)
-    lines = (n for n in range(1, len(corpus) + len(skipped) + 1) if n not in skipped)
-    return list(lines)
-
-
 def encode_corpus(corpus: ParallelCorpus, src_tok: TextTokenizer, tgt_tok: TextTokenizer,
                   data: TranslationData, names: tuple[str, str]) -> list[tuple[list[int], list[int]]]:
     """Token ids of each pair (source + EOS, target without specials); over-long pairs per on_long."""
     src_ids = src_tok.encode_batch(corpus.src)
     tgt_ids = tgt_tok.encode_batch(corpus.tgt)
     out, dropped = [], 0
-    for s, t, line in zip(src_ids, tgt_ids, _line_numbers(corpus)):
+    for s, t, line in zip(src_ids, tgt_ids, corpus.lines):
         if len(s) + 1 > data.max_len or len(t) + 1 > data.max_len:
             if data.on_long == "error":
                 name, n = (names[0], len(s) + 1) if len(s) + 1 > data.max_len else (names[1], len(t) + 1)

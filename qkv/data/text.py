@@ -1,0 +1,172 @@
+"""Strict UTF-8 line and TSV readers, and atomic file writes.
+
+Lines are split on ``\\n`` only: a lone ``\\r``, U+2028, U+2029 and U+0085 inside a line are
+text, not line breaks (``str.splitlines`` would split on them and shift every later line
+number, so a "parallel" corpus would silently misalign). A file is decoded line by line from
+bytes, so an error names the exact ``path:line`` (1-based) and byte offset.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qkv.errors import DataError
+
+_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_lines(path: str | os.PathLike, *, max_chars: int | None = None, allow_empty: bool = False) -> list[str]:
+    """Read a UTF-8 text file strictly into its lines, without line terminators.
+
+    A UTF-8 byte-order mark at the start is dropped; a ``\\r`` before ``\\n`` (CRLF) is dropped;
+    a missing final newline is fine. Raises DataError naming ``path:line`` for: a missing file,
+    invalid UTF-8 (with the byte offset), a NUL byte, an empty or whitespace-only line (unless
+    ``allow_empty``), a line longer than ``max_chars`` characters, and an empty file.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a text file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_lines(data, name=str(path), max_chars=max_chars, allow_empty=allow_empty)
+
+
+def parse_lines(data: bytes, *, name: str, max_chars: int | None = None, allow_empty: bool = False) -> list[str]:
+    """The checks of ``read_lines`` on bytes already in memory; ``name`` is used in messages."""
+    if max_chars is not None and max_chars < 1:
+        raise DataError(f"max_chars={max_chars} must be positive or None")
+    if data.startswith(_UTF16_BOMS):
+        raise DataError(f"{name}:1: file starts with a UTF-16 byte-order mark; expected UTF-8")
+    offset = len(_BOM) if data.startswith(_BOM) else 0
+    if offset == len(data):
+        raise DataError(f"{name}: file is empty")
+    raw_lines = data[offset:].split(b"\n")
+    if raw_lines[-1] == b"":
+        raw_lines.pop()  # the final newline ends the last line; it does not start a new one
+    lines = []
+    for lineno, raw in enumerate(raw_lines, start=1):
+        lines.append(_decode_line(raw, name, lineno, offset, max_chars, allow_empty))
+        offset += len(raw) + 1
+    return lines
+
+
+def _decode_line(raw: bytes, name: str, lineno: int, offset: int, max_chars: int | None, allow_empty: bool) -> str:
+    """One line's bytes (no ``\\n``) to text; ``offset`` is the line's first byte in the file."""
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{name}:{lineno}: NUL byte at byte {nul} of the line (file offset {offset + nul})")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.start + 4]
+        raise DataError(
+            f"{name}:{lineno}: invalid UTF-8 at byte {e.start} of the line (file offset {offset + e.start}, "
+            f"bytes {bad!r}): {e.reason}"
+        ) from None
+    if not allow_empty and not line.strip():
+        kind = "empty line" if not line else "whitespace-only line"
+        raise DataError(f"{name}:{lineno}: {kind}")
+    if max_chars is not None and len(line) > max_chars:
+        raise DataError(f"{name}:{lineno}: line has {len(line)} characters, more than max_chars={max_chars}")
+    return line
+
+
+@dataclass(frozen=True)
+class Table:
+    """A TSV file's rows. ``columns`` is the header (None without one); ``rows[i]`` is on
+    line ``first_line + i`` of ``path``."""
+
+    path: str
+    columns: tuple[str, ...] | None
+    rows: list[tuple[str, ...]]
+    first_line: int
+
+    def line_of(self, i: int) -> int:
+        """The 1-based file line of ``rows[i]``."""
+        return self.first_line + i
+
+    def column_index(self, col: str | int, *, arg: str = "column") -> int:
+        """Resolve a column given by header name or 0-based index; ``arg`` names it in errors."""
+        n = len(self.columns) if self.columns is not None else len(self.rows[0])
+        if isinstance(col, bool) or not isinstance(col, (str, int)):
+            raise DataError(f"{arg}={col!r} must be a column name or a 0-based index")
+        if isinstance(col, int):
+            if not 0 <= col < n:
+                raise DataError(f"{arg}={col}: {self.path} has {n} columns (indices 0..{n - 1})")
+            return col
+        if self.columns is None:
+            raise DataError(f"{arg}={col!r}: {self.path} is read without a header; give a 0-based index")
+        if col not in self.columns:
+            raise DataError(f"{arg}={col!r}: {self.path}:1: header has no such column; it has {list(self.columns)}")
+        return self.columns.index(col)
+
+
+def read_tsv(
+    path: str | os.PathLike, *, header: bool = True, delimiter: str = "\t", max_chars: int | None = None
+) -> Table:
+    """Read a delimited file strictly (no quoting: fields are split on ``delimiter``).
+
+    Every row must have as many fields as the header (or, without one, the first row): a stray
+    tab inside a sentence would otherwise shift the columns silently. Header names must be
+    unique and non-empty. Errors name ``path:line``.
+    """
+    if not delimiter or "\n" in delimiter:
+        raise DataError(f"delimiter={delimiter!r} must be a non-empty string without a newline")
+    lines = read_lines(path, max_chars=max_chars)
+    fields = [tuple(line.split(delimiter)) for line in lines]
+    columns = None
+    if header:
+        columns = fields.pop(0)
+        _check_header(columns, str(path))
+        if not fields:
+            raise DataError(f"{path}: has a header but no rows")
+    first_line = 2 if header else 1
+    expected = len(fields[0]) if columns is None else len(columns)
+    for i, row in enumerate(fields):
+        if len(row) != expected:
+            what = "the header" if header else f"line {first_line}"
+            raise DataError(f"{path}:{first_line + i}: {len(row)} fields, expected {expected} as in {what}")
+    return Table(path=str(path), columns=columns, rows=fields, first_line=first_line)
+
+
+def _check_header(columns: Sequence[str], path: str) -> None:
+    for name in columns:
+        if not name.strip():
+            raise DataError(f"{path}:1: header has an empty column name: {list(columns)}")
+    if len(set(columns)) != len(columns):
+        raise DataError(f"{path}:1: header has duplicate column names: {list(columns)}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half.
+
+    The bytes go to a temporary file in the same folder, are fsync'ed, and replace ``path``
+    with ``os.replace`` (atomic on POSIX and Windows).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``atomic_write_bytes`` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,235 @@
+"""qkv.blocks: pre- and post-norm encoder/decoder blocks (sec. 3.1) and their invariants."""
+
+import pytest
+import torch
+
+from qkv.blocks import BlockConfig, DecoderBlock, EncoderBlock, wanted_layers
+from qkv.layers import KVCache
+from qkv.masks import lengths_mask
+from qkv.positional import ALiBi, RotaryEmbedding
+
+B, T, S = 3, 6, 5
+
+
+def config(**overrides):
+    values = dict(d_model=16, n_heads=4, d_ff=32, dropout=0.1)
+    values.update(overrides)
+    return BlockConfig(**values)
+
+
+def positions(kind, cfg):
+    """Keyword arguments giving a block relative positions inside attention."""
+    if kind == "rope":
+        return dict(rope=RotaryEmbedding(cfg.d_model // cfg.n_heads))
+    if kind == "alibi":
+        return dict(alibi=ALiBi(cfg.n_heads))
+    return {}
+
+
+def build(kind, cfg, pos="none"):
+    if kind == "encoder":
+        return EncoderBlock(cfg, **positions(pos, cfg))
+    return DecoderBlock(cfg, cross=kind == "decoder", **positions(pos, cfg))
+
+
+def call(block, x, memory, **kwargs):
+    if isinstance(block, EncoderBlock):
+        return block(x, **kwargs)
+    return block(x, memory=memory if block.cross_attn is not None else None, **kwargs)
+
+
+KINDS = ["encoder", "decoder", "decoder-only"]
+
+
+# ---------------------------------------------------------------- both norm placements run
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_runs_and_every_parameter_learns(kind, norm_first, norm, activation):
+    block = build(kind, config(norm_first=norm_first, norm=norm, activation=activation, n_kv_heads=2))
+    x, memory = torch.randn(B, T, 16), torch.randn(B, S, 16)
+    out = call(block, x, memory)
+    assert out.shape == (B, T, 16) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_post_norm_output_is_normalised_and_pre_norm_is_not(kind):
+    x, memory = 3 + 2 * torch.randn(B, T, 16), torch.randn(B, S, 16)
+    post = call(build(kind, config(norm_first=False)).eval(), x, memory)
+    torch.testing.assert_close(post.mean(-1), torch.zeros(B, T), atol=1e-5, rtol=0)
+    torch.testing.assert_close(post.std(-1, unbiased=False), torch.ones(B, T), atol=1e-3, rtol=0)
+    pre = call(build(kind, config(norm_first=True)).eval(), x, memory)
+    assert pre.mean(-1).abs().min() > 0.5  # pre-norm keeps the residual stream as it is
+
+
+def test_post_rmsnorm_output_has_unit_rms():
+    block = build("encoder", config(norm="rmsnorm")).eval()
+    out = block(3 + 2 * torch.randn(B, T, 16))
+    torch.testing.assert_close(out.square().mean(-1).sqrt(), torch.ones(B, T), atol=1e-3, rtol=0)
+
+
+def test_dropout_only_in_training():
+    block = build("decoder", config(dropout=0.5))
+    x, memory = torch.randn(B, T, 16), torch.randn(B, S, 16)
+    assert not torch.allclose(call(block.train(), x, memory), call(block, x, memory))
+    block.eval()
+    torch.testing.assert_close(call(block, x, memory), call(block, x, memory))
+
+
+# ---------------------------------------------------------------- attention weights on request
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_return_weights_gives_dict_of_maps(kind, norm_first):
+    block = build(kind, config(norm_first=norm_first)).eval()
+    x, memory = torch.randn(B, T, 16), torch.randn(B, S, 16)
+    memory_mask = lengths_mask(torch.tensor([5, 3, 1]), S)
+    kwargs = dict(memory_mask=memory_mask) if kind == "decoder" else {}
+    out, weights = call(block, x, memory, return_weights=True, **kwargs)
+    torch.testing.assert_close(out, call(block, x, memory, **kwargs), atol=1e-5, rtol=1e-5)  # math == fused
+    expected = {"self": (B, 4, T, T)}
+    if kind == "decoder":
+        expected["cross"] = (B, 4, T, S)
+    assert {name: tuple(w.shape) for name, w in weights.items()} == expected
+    for w in weights.values():
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+    if kind != "encoder":  # causal: no weight on the future
+        past = torch.ones(T, T, dtype=torch.bool).tril()
+        assert (weights["self"][..., ~past] == 0).all() and (weights["self"][..., past] > 0).all()
+    if kind == "decoder":
+        assert (weights["cross"][~memory_mask.expand(B, 4, T, S)] == 0).all()
+
+
+# ---------------------------------------------------------------- invariants
+
+@pytest.mark.parametrize("pos", ["none", "rope", "alibi"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("kind", ["decoder", "decoder-only"])
+def test_decoder_future_tokens_do_not_change_the_past(kind, norm_first, pos):
+    cfg = config(norm_first=norm_first)
+    block = build(kind, cfg, pos).eval()
+    x, memory = torch.randn(B, T, 16), torch.randn(B, S, 16)
+    changed = x.clone()
+    changed[:, 3:] = torch.randn(B, T - 3, 16)
+    out, out2 = call(block, x, memory), call(block, changed, memory)
+    torch.testing.assert_close(out[:, :3], out2[:, :3])
+    assert not torch.allclose(out[:, 3:], out2[:, 3:])
+
+
+@pytest.mark.parametrize("pos", ["none", "rope", "alibi"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_encoder_padding_does_not_change_real_tokens(norm_first, pos):
+    block = build("encoder", config(norm_first=norm_first, n_kv_heads=2), pos).eval()
+    lengths = [6, 4, 1]
+    x = 50 * torch.randn(B, T, 16)  # garbage everywhere ...
+    real = [torch.randn(1, n, 16) for n in lengths]
+    for b, n in enumerate(lengths):  # ... except each sequence's real tokens
+        x[b, :n] = real[b][0]
+    out = block(x, mask=lengths_mask(torch.tensor(lengths), T))
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(out[b:b + 1, :n], block(real[b]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_decoder_memory_padding_does_not_change_outputs(norm_first):
+    block = build("decoder", config(norm_first=norm_first)).eval()
+    x, memory = torch.randn(1, T, 16), torch.randn(1, 3, 16)
+    padded = torch.cat([memory, 50 * torch.randn(1, 4, 16)], dim=1)
+    out = block(x, memory=padded, memory_mask=lengths_mask(torch.tensor([3]), 7))
+    torch.testing.assert_close(out, block(x, memory=memory), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["none", "rope", "alibi"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("kind", ["decoder", "decoder-only"])
+def test_cached_decoding_equals_full_pass(kind, norm_first, pos):
+    """Two stacked blocks, one (self, cross) cache pair each, fed one token at a time."""
+    cfg = config(norm_first=norm_first, n_kv_heads=2)
+    blocks = [build(kind, cfg, pos).eval() for _ in range(2)]
+    x, memory = torch.randn(B, T, 16), torch.randn(B, S, 16)
+    memory_mask = lengths_mask(torch.tensor([5, 3, 1]), S) if kind == "decoder" else None
+
+    full = x
+    for block in blocks:
+        full = call(block, full, memory, memory_mask=memory_mask)
+    caches = [(KVCache(), KVCache()) for _ in blocks]
+    steps = []
+    with torch.no_grad():
+        for t in range(T):
+            h = x[:, t:t + 1]
+            for block, cache in zip(blocks, caches):  # memory only on the first step: then it is cached
+                h = block(h, memory=memory if t == 0 and kind == "decoder" else None, memory_mask=memory_mask,
+                          cache=cache)
+            steps.append(h)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert all(self_cache.length == T for self_cache, _ in caches)
+
+
+def test_cached_decoding_with_weights():
+    block = build("decoder", config()).eval()
+    x, memory = torch.randn(B, T, 16), torch.randn(B, S, 16)
+    _, full = block(x, memory=memory, return_weights=True)
+    cache = (KVCache(), KVCache())
+    for t in range(T):
+        _, weights = block(x[:, t:t + 1], memory=memory, cache=cache, return_weights=True)
+        torch.testing.assert_close(weights["self"][:, :, 0], full["self"][:, :, t, :t + 1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(weights["cross"][:, :, 0], full["cross"][:, :, t], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- argument checks
+
+def test_decoder_with_cross_attention_needs_memory():
+    block = build("decoder", config())
+    with pytest.raises(ValueError, match="needs memory"):
+        block(torch.randn(B, T, 16))
+    with pytest.raises(ValueError, match="needs memory"):
+        block(torch.randn(B, T, 16), cache=(KVCache(), KVCache()))  # an empty cross cache is no memory
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (dict(d_model=30, n_heads=4), r"d_model=30 is not divisible by n_heads=4"),
+    (dict(dropout=1.0), r"^dropout must be in \[0, 1\)"),
+    (dict(attn_dropout=-0.1), r"^attn_dropout must be in \[0, 1\)"),
+])
+def test_block_config_rejects_bad_values(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        config(**overrides)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (dict(n_kv_heads=3), r"n_heads=4 is not divisible by n_kv_heads=3"),
+    (dict(norm="batchnorm"), r"^norm must be"),
+    (dict(activation="sigmoid"), r"^activation must be one of"),
+])
+def test_block_rejects_bad_config(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        EncoderBlock(config(**overrides))
+
+
+def test_block_config_is_frozen():
+    with pytest.raises(AttributeError):
+        config().d_model = 8
+
+
+@pytest.mark.parametrize("request_, n_layers, expected", [
+    (True, 3, {0, 1, 2}),
+    (False, 3, set()),
+    ([], 3, set()),
+    ([0, 2], 3, {0, 2}),
+    ([-1], 3, {2}),
+    ((-3, 1, 1), 3, {0, 1}),
+    (range(2), 4, {0, 1}),
+])
+def test_wanted_layers(request_, n_layers, expected):
+    assert wanted_layers(request_, n_layers) == expected
+
+
+@pytest.mark.parametrize("request_, bad", [([3], r"\[3\]"), ([0, -4], r"\[-4\]"), ([5, 7], r"\[5, 7\]")])
+def test_wanted_layers_rejects_missing_layers(request_, bad):
+    with pytest.raises(ValueError, match=rf"return_attention names layers {bad}, but the stack has 3 layers"):
+        wanted_layers(request_, 3)
