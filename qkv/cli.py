@@ -90,6 +90,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
     else:
         cfg = run.load_config(args.config, args.set)
     device = resolve_device(args.device or cfg.train.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     seed_everything(cfg.train.seed)
     metrics = run.train_run(cfg, out, device=device, resume=args.resume, progress=not args.quiet)
     print(json.dumps({"run_dir": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's train.device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("translate", help="translate lines with a trained translation run")
