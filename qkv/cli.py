@@ -67,16 +67,27 @@ def _write_output(path: str | None, lines: list[str]) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from qkv import demo
 
-    torch.manual_seed(args.seed)
-    result = demo.run(args.out, seed=args.seed)
-    r = result["retrieval"]
-    print("Attention as retrieval: one query compared with four keys")
-    print(f"  query q = {r['query'].tolist()}")
+    seed_everything(args.seed)
+    r = demo.retrieval_example()
+    print("1. Attention as retrieval: one query compared with four keys")
+    print(f"   query q = {r['query'].tolist()}")
     for i, (k, v, s, a) in enumerate(zip(r["keys"], r["values"], r["scores"], r["weights"]), start=1):
         k, v = [round(x, 3) for x in k.tolist()], [round(x, 3) for x in v.tolist()]
-        print(f"  k{i} = {k}  v{i} = {v}  s{i} = q.k{i}/sqrt(d_k) = {s:.3f}  a{i} = {a:.3f}")
-    print(f"  output = sum_i a_i v_i = {[round(x, 3) for x in r['output'].tolist()]}")
-    print(f"Multi-head attention weights written to {result['picture']}")
+        print(f"   k{i} = {k}  v{i} = {v}  s{i} = q.k{i}/sqrt(d_k) = {s:.3f}  a{i} = {a:.3f}")
+    print(f"   output = sum_i a_i v_i = {[round(x, 3) for x in r['output'].tolist()]}")
+    print("2. Training a character-level GPT (nanoGPT's CPU recipe) ...", flush=True)
+    result = demo.run(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    source = "a ~40 KB excerpt shipped with qkv" if result["excerpt"] else result["text"]
+    m = result["metrics"]
+    print(f"   text: {source}")
+    print(f"   validation loss {m['loss']:.3f} nats/char ({m['bits_per_char']:.3f} bits/char, "
+          f"perplexity {m['perplexity']:.2f})")
+    print("3. A sample (temperature 0.8, top-k 200):\n")
+    print(result["sample"])
+    print()
+    for picture in result["pictures"]:
+        print(f"   picture: {picture}")
+    print(f"   trained model: {result['run_dir']} (try: qkv generate {result['run_dir']} --prompt 'JULIET:')")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -119,24 +130,81 @@ def _cmd_translate(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from qkv.run import load_run, read_run_config
+
+    task = read_run_config(args.run_dir).task
+    device = resolve_device(args.device)
+    cfg, model, artifacts = load_run(args.run_dir, device=device)
+    if task == "translation":
+        result = _evaluate_translation(args, cfg, model, artifacts, device)
+    elif task == "lm":
+        result = _evaluate_lm(args, cfg, model, artifacts)
+    else:
+        raise ConfigError(f"evaluate does not know task {task!r}")
+    print(json.dumps({"run_dir": str(args.run_dir), "task": task, **result}))
+
+
+def _evaluate_translation(args, cfg, model, tokenizers, device) -> dict:
+    from qkv.data.parallel import read_parallel
     from qkv.decode import translate
     from qkv.metrics import corpus_scores
-    from qkv.run import load_run
 
     if not args.src or not args.ref:
         raise ConfigError("evaluate on a translation run needs --src FILE and --ref FILE")
-    from qkv.data.parallel import read_parallel
-
-    device = resolve_device(args.device)
-    cfg, model, (src_tok, tgt_tok) = load_run(args.run_dir, device=device, task="translation")
+    src_tok, tgt_tok = tokenizers
     corpus = read_parallel(args.src, args.ref)
     beam = args.beam if args.beam is not None else cfg.decode.beam_size
     hyps = translate(model, src_tok, tgt_tok, corpus.src, beam_size=beam, length_penalty=cfg.decode.length_penalty,
                      batch_size=cfg.decode.batch_size, device=device)
     if args.output:
         _write_output(args.output, hyps)
-    print(json.dumps({"run_dir": str(args.run_dir), "sentences": len(hyps), "beam": beam,
-                      **corpus_scores(hyps, corpus.tgt)}))
+    return {"sentences": len(hyps), "beam": beam, **corpus_scores(hyps, corpus.tgt)}
+
+
+def _evaluate_lm(args, cfg, model, tokenizer) -> dict:
+    from qkv.data.lm import read_text
+    from qkv.generate import perplexity_on_ids
+    from qkv.tasks.lm import text_scores
+
+    if not args.text:
+        raise ConfigError("evaluate on a language-model run needs --text FILE")
+    text = read_text(args.text)
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise ConfigError(f"--text {args.text}: too short to evaluate ({len(ids)} tokens)")
+    scored = perplexity_on_ids(model, ids, block_size=cfg.model.block_size)
+    scores = text_scores(scored["loss"], tokenizer, chars_per_token=len(text) / len(ids))
+    return {"text": str(args.text), "tokens": scored["tokens"], "characters": len(text), "loss": scored["loss"],
+            **scores}
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from qkv.generate import SamplingConfig, generate
+    from qkv.run import load_run
+
+    device = resolve_device(args.device)
+    cfg, model, tokenizer = load_run(args.run_dir, device=device, task="lm")
+    d = cfg.decode
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
+        temperature=args.temperature if args.temperature is not None else d.temperature,
+        top_k=args.top_k if args.top_k is not None else d.top_k,
+        top_p=args.top_p if args.top_p is not None else d.top_p,
+    )
+    prompt = tokenizer.encode(args.prompt)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    new: list[int] = []
+    shown = ""
+    for step in generate(model, [prompt], sampling, generator=generator):
+        if step[0] is None:
+            break
+        new.append(step[0])
+        text = tokenizer.decode(new)  # decode the whole tail: a BPE token may complete a character
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -152,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="attention as retrieval, and a heatmap of multi-head attention")
-    p.add_argument("--out", default="runs/demo", help="folder for the pictures (default: runs/demo)")
+    p = sub.add_parser("demo", help="attention as retrieval, then train a small character GPT and sample it")
+    p.add_argument("--out", default="runs/demo", help="folder for the run and pictures (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -178,12 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a trained run; prints one JSON object")
     p.add_argument("run_dir")
+    p.add_argument("--text", help="language model: a UTF-8 text file to score")
     p.add_argument("--src", help="translation: source file")
     p.add_argument("--ref", help="translation: reference file, aligned with --src")
     p.add_argument("--beam", type=int)
     p.add_argument("--output", help="also write the hypotheses here")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("generate", help="sample text from a trained language model, streaming it")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start of text)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("data", help="download a public data set")
     p.add_argument("name", choices=["multi30k"])

@@ -44,6 +44,13 @@ class SinusoidalPositionalEncoding(nn.Module):
             self.table = sinusoidal_table(max(end, 2 * self.table.shape[0]), self.d_model).to(self.table.device)
         return self.table[offset:end]
 
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Encodings of arbitrary positions: (B, T) integer -> (B, T, D)."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.table.shape[0]:
+            self.forward(needed)  # grows the table
+        return self.table[positions]
+
 
 class LearnedPositionalEmbedding(nn.Module):
     """One trained vector per position; positions beyond max_len are an error, not a crash."""
@@ -62,6 +69,13 @@ class LearnedPositionalEmbedding(nn.Module):
                 f"(max_len={self.max_len}); shorten the input or train with a larger max_len"
             )
         return self.embedding.weight[offset:offset + T]
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings of arbitrary positions: (B, T) integer -> (B, T, D)."""
+        if positions.numel() and int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the learned position table "
+                             f"(max_len={self.max_len})")
+        return self.embedding(positions)
 
 
 class RotaryEmbedding(nn.Module):

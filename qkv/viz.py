@@ -48,3 +48,39 @@ def plot_heads(weights: torch.Tensor, query_labels: Sequence[str], key_labels: S
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_head(weights: torch.Tensor, labels: Sequence[str], path: str | os.PathLike, *, title: str = "",
+              max_tokens: int = 120) -> Path:
+    """One head's weights (T, T) over a token sequence; long sequences show their last max_tokens."""
+    if weights.dim() != 2:
+        raise ValueError(f"weights must have shape (T, S), got {tuple(weights.shape)}")
+    T = weights.shape[0]
+    start = max(0, T - max_tokens)
+    shown = weights[start:, start:].detach().float().cpu().numpy()
+    labels = [repr(t)[1:-1] if t.isspace() or not t.isprintable() else t for t in labels[start:]]
+    size = max(4.0, 0.12 * len(labels))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(shown, cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query")
+    ax.set_title(title or "attention weights")
+    return _save(fig, path)
+
+
+def plot_curves(records: Sequence[dict], path: str | os.PathLike, *, metric: str = "loss", title: str = "") -> Path:
+    """Training and validation ``metric`` against step, from metrics.jsonl records."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, style in (("train", "-"), ("valid", "o-")):
+        points = [(r["step"], r[metric]) for r in records if r.get("split") == split and metric in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, style, label=f"{split} {metric}", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"{metric} during training")
+    return _save(fig, path)

@@ -101,8 +101,13 @@ def train_bpe(
     *,
     min_frequency: int = 2,
     special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    byte_level: bool = False,
 ) -> TextTokenizer:
     """Learn a BPE vocabulary of at most ``vocab_size`` tokens (specials included) from ``texts``.
+
+    ``byte_level`` (GPT-2's scheme, for language models): BPE over UTF-8 bytes, so every text
+    round-trips exactly (newlines, any character) and nothing is ever unknown; otherwise the
+    Metaspace scheme described above.
 
     ``special_tokens`` are pad, bos, eos, unk in that order (ids 0..3), then any extras. A small
     corpus may end with fewer tokens than asked; that is logged. Training is deterministic.
@@ -115,12 +120,17 @@ def train_bpe(
     if min_frequency < 1:
         raise DataError(f"min_frequency={min_frequency} must be >= 1")
     tokenizer = Tokenizer(models.BPE(unk_token=special_tokens[UNK_ID]))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens), show_progress=False
-    )
+    alphabet = []
+    if byte_level:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, initial_alphabet=alphabet,
+                                  special_tokens=list(special_tokens), show_progress=False)
     counter = _Counter(texts)
     tokenizer.train_from_iterator(counter, trainer=trainer)
     if counter.n == 0:

@@ -1,0 +1,115 @@
+"""Decoder-only Transformer (GPT): causal self-attention blocks over one token stream.
+
+The decoder of sec. 3.1 without cross-attention, pre-norm as in GPT-2, with tied input and
+output embeddings (sec. 3.4). It predicts token t+1 from tokens <= t; with a KV cache each new
+token costs O(T) attention instead of recomputing the whole prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qkv.blocks import BlockConfig, DecoderBlock, wanted_layers
+from qkv.layers import KVCache, make_norm
+from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, relative_positions
+
+
+@dataclass(frozen=True)
+class DecoderOnlyConfig:
+    """Defaults are nanoGPT's "baby GPT" for Tiny Shakespeare; vocab_size comes from the tokenizer."""
+
+    vocab_size: int = 0
+    block_size: int = 256            # the longest context the model is trained on
+    d_model: int = 384
+    n_heads: int = 6
+    n_layers: int = 6
+    d_ff: int = 0                    # 0 = 4 * d_model
+    n_kv_heads: int | None = None
+    dropout: float = 0.2
+    attn_dropout: float = 0.0
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_first: bool = True
+    positional: str = "learned"
+    bias: bool = True
+    tie_embeddings: bool = True
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        check_positional(self.positional)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        self.block()
+
+    def block(self) -> BlockConfig:
+        return BlockConfig(d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff or 4 * self.d_model,
+                           n_kv_heads=self.n_kv_heads, dropout=self.dropout, attn_dropout=self.attn_dropout,
+                           activation=self.activation, norm=self.norm, norm_first=self.norm_first, bias=self.bias)
+
+
+class DecoderOnly(nn.Module):
+    """GPT-style language model: ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, cfg: DecoderOnlyConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("vocab_size must be set (it comes from the tokenizer)")
+        self.cfg = cfg
+        block = cfg.block()
+        self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, scale=False)
+        self.positions = absolute_positions(cfg.positional, cfg.d_model, cfg.block_size)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        relative = relative_positions(cfg.positional, cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.block_size)
+        self.layers = nn.ModuleList(DecoderBlock(block, cross=False, **relative) for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg.norm, cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                residual = name.endswith(("out_proj.weight", "w_2.weight"))
+                nn.init.normal_(p, std=0.02 / (2 * self.cfg.n_layers) ** 0.5 if residual else 0.02)
+
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def forward(self, ids: torch.Tensor, *, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None, return_attention: bool | Iterable[int] = False):
+        """ids (B, T) -> logits (B, T, V) [, {layer: {"self": (B, H, T, S)}}].
+
+        positions (B, T): absolute positions (default: offset .. offset+T-1, offset = cached length);
+        only learned/sinusoidal encodings use them, RoPE/ALiBi are relative and need none.
+        mask: bool (B, 1, 1|T, S) over all keys so far (e.g. left padding), on top of causal.
+        """
+        if ids.dim() != 2:
+            raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
+        offset = cache[0].length if cache else 0
+        x = self.embed(ids)  # (B, T, D)
+        if self.positions is not None:
+            if positions is None:
+                x = x + self.positions(ids.shape[1], offset=offset)
+            else:
+                x = x + self.positions.at(positions)
+        x = self.embed_dropout(x)
+        want = wanted_layers(return_attention, len(self.layers))
+        attention = {}
+        for i, layer in enumerate(self.layers):
+            layer_cache = (cache[i], None) if cache is not None else None
+            if i in want:
+                x, attention[i] = layer(x, mask=mask, cache=layer_cache, return_weights=True)
+            else:
+                x = layer(x, mask=mask, cache=layer_cache)
+        logits = self.output(self.final_norm(x))  # (B, T, V)
+        return (logits, attention) if return_attention else logits

@@ -1,0 +1,134 @@
+"""Language modelling: text -> characters or byte-level BPE -> a decoder-only Transformer.
+
+Loss: next-token cross-entropy. Validation: the mean loss over a fixed set of random blocks of
+the held-out text (as nanoGPT estimates it), with perplexity and, for character models, bits
+per character.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qkv.data.lm import RandomBlocks, read_text, read_texts, split_ids
+from qkv.data.tokenizer import CharTokenizer, load_tokenizer, train_bpe
+from qkv.models.decoder_only import DecoderOnly, DecoderOnlyConfig
+from qkv.tasks import TaskSpec, register
+
+log = logging.getLogger(__name__)
+
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class LMData:
+    """Where the text is and how it becomes batches."""
+
+    train: list[str] = field(default_factory=lambda: ["data/input.txt"])  # one or more UTF-8 text files
+    valid: str | None = None         # a separate validation file; else the last val_fraction of train
+    val_fraction: float = 0.1
+    tokenizer: str = "char"          # "char" or "bpe" (byte-level BPE, GPT-2's scheme)
+    vocab_size: int = 4096           # bpe only
+    batch_size: int = 64
+    eval_batches: int = 200          # random validation blocks averaged per evaluation (nanoGPT's eval_iters)
+    batches_per_epoch: int = 1000    # random batches drawn per 'epoch' (only names the sampling stream)
+
+    def __post_init__(self):
+        if self.tokenizer not in ("char", "bpe"):
+            raise ValueError(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+        for name in ("batch_size", "eval_batches", "batches_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class LMDecode:
+    """Defaults for ``qkv generate``."""
+
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+
+
+def build_tokenizer(data: LMData, train_text: str, valid_text: str | None):
+    if data.tokenizer == "char":  # the vocabulary of all the text, as nanoGPT's shakespeare_char builds it
+        return CharTokenizer.from_text(train_text + (valid_text or ""))
+    return train_bpe([train_text], data.vocab_size, byte_level=True)
+
+
+class LMTask:
+    primary_metric = ("loss", "min")
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
+        data = cfg.data
+        text = read_texts(data.train)
+        valid_text = read_text(data.valid) if data.valid else None
+        if resume:
+            self.tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER)
+        else:
+            self.tokenizer = build_tokenizer(data, text, valid_text)
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(Path(run_dir) / TOKENIZER)
+        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        if valid_text is None:
+            self.train_ids, self.valid_ids = split_ids(ids, data.val_fraction)
+        else:
+            self.train_ids = ids
+            self.valid_ids = torch.tensor(self.tokenizer.encode(valid_text), dtype=torch.long)
+        t = self.tokenizer
+        self.cfg = replace(cfg, model=replace(cfg.model, vocab_size=t.vocab_size, pad_id=t.pad_id, bos_id=t.bos_id,
+                                              eos_id=t.eos_id))
+        self.chars_per_token = len(text) / max(len(ids), 1)
+        block = self.cfg.model.block_size
+        self.valid_blocks = RandomBlocks(self.valid_ids, block_size=block, batch_size=data.batch_size,
+                                         n_batches=data.eval_batches, seed=cfg.train.seed + 1, name="validation text")
+        RandomBlocks(self.train_ids, block_size=block, batch_size=1, n_batches=1, seed=0, name="training text")
+        log.info("language-model data: %d training tokens, %d validation tokens, vocab %d", len(self.train_ids),
+                 len(self.valid_ids), t.vocab_size)
+
+    def build_model(self) -> DecoderOnly:
+        return DecoderOnly(self.cfg.model)
+
+    def train_batches(self, epoch: int, *, rank: int, world_size: int) -> RandomBlocks:
+        d = self.cfg.data
+        return RandomBlocks(self.train_ids, block_size=self.cfg.model.block_size, batch_size=d.batch_size,
+                            n_batches=d.batches_per_epoch, seed=self.cfg.train.seed, epoch=epoch, rank=rank)
+
+    def loss(self, model, batch: dict, *, label_smoothing: float) -> tuple[torch.Tensor, int]:
+        logits = model(batch["x"])  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["y"].reshape(-1),
+                               label_smoothing=label_smoothing)
+        return loss, batch["y"].numel()
+
+    def evaluate(self, model) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total = 0.0
+        for batch in self.valid_blocks:
+            loss, _ = self.loss(model, {k: v.to(device) for k, v in batch.items()}, label_smoothing=0.0)
+            total += float(loss)
+        loss = total / len(self.valid_blocks)
+        return {"loss": loss, **text_scores(loss, self.tokenizer, chars_per_token=self.chars_per_token)}
+
+
+def text_scores(loss: float, tokenizer, *, chars_per_token: float) -> dict[str, float]:
+    """Perplexity per token, and bits per character (for BPE: nats per token spread over its characters)."""
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    bpc = loss / math.log(2) if isinstance(tokenizer, CharTokenizer) else loss / chars_per_token / math.log(2)
+    return {"perplexity": ppl, "bits_per_char": bpc}
+
+
+register(TaskSpec(
+    name="lm",
+    data_config=LMData,
+    model_config=DecoderOnlyConfig,
+    decode_config=LMDecode,
+    make_task=LMTask,
+    build_model=lambda cfg: DecoderOnly(cfg.model),
+    load_artifacts=lambda cfg, run_dir: load_tokenizer(Path(run_dir) / TOKENIZER),
+))
