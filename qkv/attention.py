@@ -155,6 +155,8 @@ def scaled_dot_product_attention(
         if check_bias_shape != torch.Size((B, H, T, S)):
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to {(B, H, T, S)}")
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
+    if causal and T == 1:  # one new query at the end sees every key: no mask to build
+        causal = False
 
     if not return_weights:
         return _fused(q, k, v, mask=mask, causal=causal, bias=bias, dropout_p=dropout_p, scale=scale)

@@ -146,7 +146,7 @@ def greedy_decode(model: nn.Module, src: torch.Tensor, *, max_len: int | None = 
 
 
 def _candidates(log_probs: torch.Tensor, scores: torch.Tensor, force_eos: torch.Tensor, eos_id: int):
-    """Each sentence's best 2K one-token extensions of its K hypotheses.
+    """Each sentence's best 2K one-token extensions of its K hypotheses (overwrites ``log_probs``).
 
     log_probs (B*K, V), scores (B, K) running sums, force_eos (B,) sentences at their length limit.
     Returns scores, beam index, token, each (B, 2K), best first. At most K of them end in EOS
@@ -154,11 +154,13 @@ def _candidates(log_probs: torch.Tensor, scores: torch.Tensor, force_eos: torch.
     """
     B, K = scores.shape
     V = log_probs.shape[-1]
-    log_probs = log_probs.view(B, K, V)  # (B, K, V)
-    not_eos = torch.ones(V, dtype=torch.bool, device=log_probs.device)
-    not_eos[eos_id] = False
-    log_probs = log_probs.masked_fill(force_eos[:, None, None] & not_eos, float("-inf"))
-    total = scores[:, :, None] + log_probs  # (B, K, V): log p(prefix) + log p(token | prefix)
+    total = log_probs.view(B, K, V)  # (B, K, V)
+    if bool(force_eos.any()):  # rare: only at a sentence's length limit
+        not_eos = torch.ones(V, dtype=torch.bool, device=log_probs.device)
+        not_eos[eos_id] = False
+        total = total.masked_fill(force_eos[:, None, None] & not_eos, float("-inf"))
+    total = total.add_(scores[:, :, None])  # in place (the step's log_probs are not used again): (B, K, V)
+    # = log p(prefix) + log p(token | prefix)
     top, flat = total.view(B, K * V).topk(min(2 * K, K * V), dim=1)  # (B, 2K)
     return top, flat // V, flat % V
 
