@@ -60,7 +60,7 @@ def run(out_dir: str | Path, *, steps: int = 2000, seed: int = 0, progress: bool
     import shutil
 
     from qkv.generate import SamplingConfig, generate_ids
-    from qkv.viz import plot_curves, plot_head
+    from qkv.viz import plot_curves, plot_head, plot_heads
 
     out_dir = Path(out_dir)
     run_dir = out_dir / "run"
@@ -82,7 +82,11 @@ def run(out_dir: str | Path, *, steps: int = 2000, seed: int = 0, progress: bool
     last = cfg.model.n_layers - 1
     head_picture = plot_head(attention[last]["self"][0, 0], labels, out_dir / "attention_head.png",
                              title=f"layer {last}, head 0: each character (row) attends to earlier ones")
+    tail = slice(-32, None)  # every head of the last layer, over the last 32 characters
+    weights = attention[last]["self"][0][:, tail, tail]  # (H, 32, 32)
+    grid = plot_heads(weights, labels[tail], labels[tail], out_dir / "attention_heads.png",
+                      title=f"layer {last}: the {cfg.model.n_heads} heads attend differently")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     curve = plot_curves(records, out_dir / "loss_curve.png", title="character-level GPT on Shakespeare")
     return {"retrieval": retrieval_example(), "text": str(text_path), "excerpt": excerpt, "metrics": metrics,
-            "sample": sample, "pictures": [head_picture, curve], "run_dir": run_dir}
+            "sample": sample, "pictures": [head_picture, grid, curve], "run_dir": run_dir}

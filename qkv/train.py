@@ -235,6 +235,23 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):
+        """A TensorBoard writer in run_dir/tensorboard when the tensorboard package is installed."""
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._writer = None
+            else:
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
 
     def save(self) -> Path | None:
         if self.rank != 0:

@@ -161,3 +161,26 @@ def test_noam_matches_the_paper():
         assert math.isclose(peak * noam(step, warmup=warmup), paper, rel_tol=1e-9)
     assert multiplier("cosine", 10_000, warmup=10, total=10_000, floor=0.1) == pytest.approx(0.1)
     assert multiplier("linear", 5, warmup=10, total=100) == pytest.approx(0.6)
+
+
+def test_early_stopping_keeps_the_best(tmp_path, monkeypatch):
+    from qkv.tasks import translation
+
+    scores = iter([10.0, 20.0, 15.0, 12.0, 30.0])
+    monkeypatch.setattr(translation.TranslationTask, "evaluate", lambda self, model: {"bleu": next(scores)})
+    _train(tmp_path, "run", max_steps=20, eval_every=2, save_every=2, patience=2, keep_checkpoints=2)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bleu"] for r in records if r["split"] == "valid"] == [10.0, 20.0, 15.0, 12.0]  # stopped at step 8
+    best = ckpt.read_weights(run / "checkpoints" / "step_00000004" / ckpt.WEIGHTS)  # kept despite keep=2
+    final = _weights(run)
+    assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+@pytest.mark.parametrize("settings", [{"precision": "bf16"}, {"accumulate": 2}, {"clip_grad_norm": 0.5},
+                                      {"optimizer": "adam", "schedule": "linear"}])
+def test_training_options_run_and_learn(tmp_path, settings):
+    _train(tmp_path, "run", max_steps=12, save_every=12, log_every=1, **settings)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert all(math.isfinite(x) for x in losses) and min(losses[-3:]) < losses[0]
