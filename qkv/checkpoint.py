@@ -29,41 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qkv.errors import CheckpointError
+from qkv.fileio import atomic_write_bytes, fsync_dir, fsync_file
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 META = "meta.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -87,9 +58,9 @@ def save_weights(model: torch.nn.Module, path: Path, *, metadata: dict[str, str]
     os.close(fd)
     try:
         save_file(unique_state_dict(model), tmp, metadata=metadata)
-        _fsync_file(Path(tmp))
+        fsync_file(Path(tmp))
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -161,13 +132,13 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, train_stat
     try:
         save_weights(model, tmp / WEIGHTS)
         torch.save(train_state, tmp / STATE)
-        _fsync_file(tmp / STATE)
+        fsync_file(tmp / STATE)
         atomic_write_bytes(tmp / META, json.dumps({"step": step, **meta}, indent=2).encode())
         final = root / name
         if final.exists():  # re-saving a step (after a resume): move the old one aside first
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

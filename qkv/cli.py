@@ -58,7 +58,7 @@ def _write_output(path: str | None, lines: list[str]) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        from qkv.checkpoint import atomic_write_bytes
+        from qkv.fileio import atomic_write_bytes
 
         atomic_write_bytes(Path(path), text.encode("utf-8"))
 

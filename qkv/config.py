@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from qkv.errors import ConfigError
+from qkv.fileio import atomic_write_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,4 @@ def read_yaml(path: str | Path) -> dict:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (temp file, fsync, rename)."""
-    from qkv.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(Path(path), (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())

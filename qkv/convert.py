@@ -229,6 +229,9 @@ def load_hf_bert(folder: str | os.PathLike) -> tuple[EncoderOnlyConfig, EncoderO
             tokenizer = WordPieceTokenizer.load(folder / TOKENIZER, max_length=_max_length(folder, cfg))
         except DataError as err:
             raise CheckpointError(str(err)) from None
+        if tokenizer.pad_id != cfg.pad_id:
+            raise CheckpointError(f"{folder / TOKENIZER}: [PAD] has id {tokenizer.pad_id}, but {folder / CONFIG} "
+                                  f"has pad_token_id={cfg.pad_id}")
         if tokenizer.vocab_size > cfg.vocab_size:
             raise CheckpointError(f"{folder / TOKENIZER}: {tokenizer.vocab_size} tokens, but {folder / CONFIG} "
                                   f"has vocab_size={cfg.vocab_size}")
@@ -239,9 +242,10 @@ def save_hf_bert(model: EncoderOnly, cfg: EncoderOnlyConfig, tokenizer: WordPiec
                  folder: str | os.PathLike) -> Path:
     """Write ``folder`` as HF BertModel files that ``transformers.AutoModel.from_pretrained`` loads.
 
-    Each file is written atomically (temp file, fsync, rename), config.json last, so a folder
-    with a config.json is complete. No pooler weights are written: HF initialises its pooler
-    afresh (and says so); ``last_hidden_state`` is exactly this model's output.
+    Each file is written atomically (temp file, fsync, rename): a crash never leaves half a file.
+    config.json comes last, so a fresh folder that has one is complete. No pooler weights are
+    written: HF initialises its pooler afresh (and says so in its load report);
+    ``last_hidden_state`` is exactly this model's output.
     """
     if not isinstance(model, EncoderOnly):
         raise ValueError(f"model must be an EncoderOnly, got {type(model).__name__}")

@@ -53,7 +53,8 @@ class Hypothesis(NamedTuple):
 
 
 @contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and torch.inference_mode for the block; the model's training mode is restored after."""
     was_training = model.training
     model.eval()
     try:
@@ -129,7 +130,7 @@ def greedy_decode(model: nn.Module, src: torch.Tensor, *, max_len: int | None = 
     """
     _check_src(model, src)
     cfg = model.cfg
-    with _inference(model):
+    with inference(model):
         memory, src_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
         limits = _length_limits(model, src, max_len, max_len_a, max_len_b)  # (B,)
         tokens = src.new_full((src.shape[0], 1), cfg.bos_id)  # (B, 1)
@@ -217,7 +218,7 @@ def beam_search_nbest(model: nn.Module, src: torch.Tensor, *, beam_size: int = 4
     n_best = beam_size if n_best is None else n_best
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be in [1, beam_size={beam_size}], got {n_best}")
-    with _inference(model):
+    with inference(model):
         finished = _beam_search(model, src, beam_size, length_penalty, max_len, max_len_a, max_len_b, use_cache)
     return [sorted(hyps, key=lambda h: -h.score)[:n_best] for hyps in finished]
 
@@ -278,7 +279,7 @@ def sequence_scores(model: nn.Module, src: torch.Tensor, hyps: Sequence[Sequence
     tgt = src.new_full((len(hyps), T + 1), cfg.pad_id)  # (B, T+1): BOS y_1 .. y_n EOS PAD ..
     for i, h in enumerate(hyps):
         tgt[i, : len(h) + 2] = torch.tensor([cfg.bos_id, *h, cfg.eos_id])
-    with _inference(model):
+    with inference(model):
         memory, src_mask = model.encode(src)
         logits = model.decode(tgt[:, :-1], memory, src_mask)  # (B, T, V)
         log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)

@@ -33,12 +33,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qkv.decode import inference
 
 logger = logging.getLogger(__name__)
 
@@ -254,17 +255,6 @@ def _last_logits(model: nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 
 # --- perplexity -----------------------------------------------------------------------------------
 
-@contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def sliding_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows (begin, end, n_new) over a stream of n_tokens: the inputs ids[begin:end] predict
     ids[begin+1:end+1], of which the last n_new are scored. Every token but the first is scored once."""
@@ -306,7 +296,7 @@ def perplexity_on_ids(model: nn.Module, ids: Sequence[int], *, block_size: int |
     for w in windows:
         by_length.setdefault(w[1] - w[0], []).append(w)
     total = 0.0
-    with _inference(model):
+    with inference(model):
         data = torch.tensor(ids, device=next(model.parameters()).device)
         for group in by_length.values():
             for i in range(0, len(group), batch_size):

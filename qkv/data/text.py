@@ -9,12 +9,12 @@ bytes, so an error names the exact ``path:line`` (1-based) and byte offset.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from qkv.errors import DataError
+from qkv.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 
 _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -146,27 +146,3 @@ def _check_header(columns: Sequence[str], path: str) -> None:
             raise DataError(f"{path}:1: header has an empty column name: {list(columns)}")
     if len(set(columns)) != len(columns):
         raise DataError(f"{path}:1: header has duplicate column names: {list(columns)}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half.
-
-    The bytes go to a temporary file in the same folder, are fsync'ed, and replace ``path``
-    with ``os.replace`` (atomic on POSIX and Windows).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """``atomic_write_bytes`` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))

@@ -152,7 +152,9 @@ class WordPieceTokenizer:
         return self.tokenizer.encode_batch(list(zip(texts, pairs)))
 
     def _check(self, ids: list[int]) -> list[int]:
-        assert len(ids) <= self.max_length, "tokenizers did not truncate"  # it silently skips impossible cuts
+        if len(ids) > self.max_length:  # tokenizers silently skips a cut that its specials make impossible
+            raise DataError(f"tokenizer: could not truncate to max_length={self.max_length} ({len(ids)} tokens); "
+                            "does its post-processor add more than [CLS] A [SEP] B [SEP]?")
         return ids
 
     def __repr__(self) -> str:
