@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from qkv.checkpoint import atomic_write_bytes, read_weights
+from qkv.checkpoint import read_weights
 from qkv.data.wordpiece import WordPieceTokenizer
 from qkv.errors import CheckpointError, DataError
+from qkv.fileio import atomic_write_bytes
 from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig
 
 logger = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from qkv.data.batching import pad_sequences
-from qkv.data.text import atomic_write_text
 from qkv.errors import DataError
+from qkv.fileio import atomic_write_text
 
 SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]"}
 MIN_LENGTH = 3  # [CLS] [SEP] [SEP]: the shortest pair encoding
