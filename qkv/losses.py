@@ -1,0 +1,151 @@
+"""Metric-learning losses for sentence embeddings: triplet losses and in-batch contrastive (InfoNCE).
+
+* FaceNet (Schroff et al. 2015, sec. 3, Eq. 1): a triplet (anchor a, positive p of a's class,
+  negative n of another class) costs ``max(d(a, p) - d(a, n) + margin, 0)``.
+* Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss for Person Re-Identification",
+  sec. 2: form the triplets inside a batch. *Batch all* averages over every valid triplet whose
+  loss is positive (their "BA, != 0" variant: averaging over all triplets would let the many
+  easy ones wash the gradient out); *batch hard* takes, per anchor, its farthest positive and
+  its nearest negative (Eq. 5). Like Hermans et al. (and unlike FaceNet) the euclidean distance
+  is not squared.
+* InfoNCE with in-batch negatives (van den Oord et al. 2018; SimCLR's NT-Xent; SimCSE, Gao et
+  al. 2021, Eq. 1), generalised to labels as the supervised contrastive loss of Khosla et al.
+  2020 (Eq. 2, "L_out"): see ``in_batch_contrastive_loss``.
+
+Distances: ``"cosine"`` is ``1 - cos(a, b)`` (in [0, 2]), ``"euclidean"`` is ``||a - b||_2``.
+Every loss is a mean over what is valid in the batch; a batch with nothing valid (no anchor
+with both a positive and a negative) gives 0 that is still connected to the graph, so
+``backward`` works and gradients are zero, never NaN. Half-precision inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DISTANCES = ("cosine", "euclidean")
+_EPS = 1e-12  # under the square root: d ||a - b|| / da is undefined at a == b
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _check(embeddings: torch.Tensor, labels: torch.Tensor, distance: str | None = None) -> None:
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must have shape (B, D), got {tuple(embeddings.shape)}")
+    if labels.shape != embeddings.shape[:1]:
+        raise ValueError(f"labels must have shape (B,) = ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+    if distance is not None and distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def paired_distance(a: torch.Tensor, b: torch.Tensor, *, distance: str) -> torch.Tensor:
+    """Row-wise distances: a (B, D), b (B, D) -> (B,)."""
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(a, b, dim=-1)
+    if distance == "euclidean":
+        return (a - b).pow(2).sum(-1).clamp_min(_EPS).sqrt()
+    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def pairwise_distances(x: torch.Tensor, *, distance: str) -> torch.Tensor:
+    """All distances within a batch: x (B, D) -> (B, B); the diagonal is (about) 0."""
+    if distance == "cosine":
+        unit = F.normalize(x, dim=-1)  # (B, D)
+        return 1.0 - unit @ unit.T  # (B, B)
+    if distance == "euclidean":
+        sq = x.pow(2).sum(-1)  # (B,)
+        # ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b; rounding can make it slightly negative, hence the clamp
+        return (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_min(_EPS).sqrt()  # (B, B)
+    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def _label_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) (B, B) bool masks: same label and not itself; different label."""
+    same = labels[:, None] == labels[None, :]  # (B, B)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, *, margin: float,
+                 distance: str = "cosine") -> torch.Tensor:
+    """FaceNet, Eq. 1: mean over rows of max(d(a, p) - d(a, n) + margin, 0). Each input (B, D) -> scalar."""
+    if not anchor.shape == positive.shape == negative.shape or anchor.dim() != 2:
+        raise ValueError(f"anchor, positive and negative must have one (B, D) shape, got {tuple(anchor.shape)}, "
+                         f"{tuple(positive.shape)}, {tuple(negative.shape)}")
+    anchor, positive, negative = _upcast(anchor), _upcast(positive), _upcast(negative)
+    d_ap = paired_distance(anchor, positive, distance=distance)  # (B,)
+    d_an = paired_distance(anchor, negative, distance=distance)  # (B,)
+    return F.relu(d_ap - d_an + margin).mean()
+
+
+def batch_all_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float,
+                           distance: str = "cosine") -> torch.Tensor:
+    """Hermans et al. 2017, sec. 2, batch all (BA != 0): the mean over valid triplets with a positive loss.
+
+    A triplet (a, p, n) is valid when labels[a] == labels[p], a != p and labels[n] != labels[a];
+    its loss is max(d(a, p) - d(a, n) + margin, 0). embeddings (B, D), labels (B,) -> scalar.
+    Memory is B^3: meant for batches of up to a few hundred.
+    """
+    _check(embeddings, labels, distance)
+    d = pairwise_distances(_upcast(embeddings), distance=distance)  # (B, B)
+    positive, negative = _label_masks(labels)
+    valid = positive[:, :, None] & negative[:, None, :]  # (B_a, B_p, B_n)
+    losses = F.relu(d[:, :, None] - d[:, None, :] + margin) * valid  # (B_a, B_p, B_n)
+    active = int((losses > 0).sum())
+    return losses.sum() / max(active, 1)
+
+
+def batch_hard_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float,
+                            distance: str = "cosine") -> torch.Tensor:
+    """Hermans et al. 2017, sec. 2, Eq. 5, batch hard: per anchor, max(hardest d(a, p) - hardest d(a, n) + margin, 0).
+
+    The hardest positive is the farthest one of the anchor's class, the hardest negative the
+    nearest one of another class; the mean runs over anchors that have both. (B, D), (B,) -> scalar.
+    """
+    _check(embeddings, labels, distance)
+    d = pairwise_distances(_upcast(embeddings), distance=distance)  # (B, B)
+    positive, negative = _label_masks(labels)
+    valid = positive.any(1) & negative.any(1)  # (B,)
+    # Fill values outside the mask that can never win: distances are >= 0; anything is nearer than max + 1.
+    hardest_positive = d.masked_fill(~positive, 0.0).amax(1)  # (B,)
+    hardest_negative = d.masked_fill(~negative, float(d.detach().max()) + 1.0).amin(1)  # (B,)
+    losses = F.relu(hardest_positive - hardest_negative + margin)  # (B,)
+    return (losses * valid).sum() / max(int(valid.sum()), 1)
+
+
+def in_batch_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *,
+                              temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss with in-batch negatives (Khosla et al. 2020, Eq. 2), of which InfoNCE is a case.
+
+    With s_ij = cos(e_i, e_j) / temperature, P(i) the other examples with i's label and A(i)
+    every example but i::
+
+        loss = mean over anchors i with P(i) non-empty of
+               -1/|P(i)| * sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} exp(s_ia) )
+
+    Pairs (SimCSE, Eq. 1; SimCLR's NT-Xent): put both views of N texts in one (2N, D) batch and
+    give each pair its own label (``pair_labels(N)``); every anchor then has one positive and
+    2N - 2 in-batch negatives, and this is exactly InfoNCE (SimCSE itself scores an anchor only
+    against the other view's N texts). embeddings (B, D), labels (B,) -> scalar.
+    """
+    _check(embeddings, labels)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    unit = F.normalize(_upcast(embeddings), dim=-1)  # (B, D)
+    logits = unit @ unit.T / temperature  # (B, B)
+    positive, _ = _label_masks(labels)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    # a finite fill, not -inf: a batch of one would otherwise give inf - inf = NaN gradients
+    others = logits.masked_fill(eye, torch.finfo(logits.dtype).min)  # (B, B), i never its own candidate
+    log_prob = logits - others.logsumexp(1, keepdim=True)  # (B, B): log p(j | i)
+    n_positive = positive.sum(1)  # (B,)
+    valid = n_positive > 0
+    per_anchor = -torch.where(positive, log_prob, 0.0).sum(1) / n_positive.clamp_min(1)  # (B,)
+    return (per_anchor * valid).sum() / max(int(valid.sum()), 1)
+
+
+def pair_labels(n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Labels (2N,) for a batch of N first views followed by their N second views: [0..N-1, 0..N-1]."""
+    return torch.arange(n, device=device).repeat(2)

