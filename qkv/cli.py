@@ -139,6 +139,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         result = _evaluate_translation(args, cfg, model, artifacts, device)
     elif task == "lm":
         result = _evaluate_lm(args, cfg, model, artifacts)
+    elif task in ("classification", "embedding"):
+        from qkv.tasks.classification import evaluate_file
+
+        if not args.data:
+            raise ConfigError(f"evaluate on a {task} run needs --data FILE (TSV/CSV with labels)")
+        result = evaluate_file(cfg, model, artifacts, args.data, run_dir=args.run_dir)
     else:
         raise ConfigError(f"evaluate does not know task {task!r}")
     print(json.dumps({"run_dir": str(args.run_dir), "task": task, **result}))
@@ -207,6 +213,35 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+def _cmd_classify(args: argparse.Namespace) -> None:
+    from qkv.run import load_run
+    from qkv.tasks.classification import classify_texts
+
+    cfg, model, artifacts = load_run(args.run_dir, device=resolve_device(args.device), task="classification")
+    lines = _read_input(args.input)
+    labelled = classify_texts(model, artifacts, lines, batch_size=args.batch_size)
+    _write_output(args.output, [f"{label}\t{prob:.4f}" for label, prob in labelled])
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from qkv.fileio import atomic_write_bytes
+    from qkv.run import load_run
+    from qkv.tasks.classification import embed_texts
+
+    if not args.output.endswith(".npy"):
+        raise ConfigError(f"--output {args.output}: embeddings are written as a .npy file")
+    _, model, artifacts = load_run(args.run_dir, device=resolve_device(args.device))
+    vectors = embed_texts(model, artifacts, _read_input(args.input), batch_size=args.batch_size)
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
+    atomic_write_bytes(Path(args.output), buffer.getvalue())
+    print(json.dumps({"output": args.output, "shape": list(vectors.shape)}))
+
+
 def _cmd_data(args: argparse.Namespace) -> None:
     from qkv.data.fetch import fetch_multi30k
 
@@ -249,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a trained run; prints one JSON object")
     p.add_argument("run_dir")
     p.add_argument("--text", help="language model: a UTF-8 text file to score")
+    p.add_argument("--data", help="classification/embedding: a labelled TSV/CSV file")
     p.add_argument("--src", help="translation: source file")
     p.add_argument("--ref", help="translation: reference file, aligned with --src")
     p.add_argument("--beam", type=int)
@@ -266,6 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("classify", help="label each input line with a trained classifier: label<TAB>probability")
+    p.add_argument("run_dir")
+    p.add_argument("--input", help="one text per line (default: stdin)")
+    p.add_argument("--output", help="default: stdout")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("embed", help="embed each input line with a trained encoder into a .npy matrix")
+    p.add_argument("run_dir")
+    p.add_argument("--input", help="one text per line (default: stdin)")
+    p.add_argument("--output", required=True, help="F.npy: (lines, d_model) float32, unit length")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("data", help="download a public data set")
     p.add_argument("name", choices=["multi30k"])

