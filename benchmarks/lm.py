@@ -2,7 +2,7 @@
 
     (a) lm_train_step   one training step (forward, cross-entropy, backward, AdamW step) of
                         qkv.models.DecoderOnly against transformers' GPT2LMHeadModel (SDPA attention)
-                        and against nanoGPT's GPT (benchmarks/nanogpt_model.py), same config, batch
+                        and against nanoGPT's GPT (benchmarks/_nanogpt_model.py), same config, batch
                         and parameter count: nanoGPT's CPU recipe and its baby GPT.
     (b) lm_generate     greedy decoding, batch 1, a fixed number of new tokens: ours with its KV cache
                         against HF ``generate`` on the same weights (converted below; logits checked
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _common import emit, emit_info, fraction_of_peak, parser, time_fns
-from nanogpt_model import GPT, GPTConfig
+from _nanogpt_model import GPT, GPTConfig
 
 from qkv.config import TrainConfig
 from qkv.generate import SamplingConfig, generate_ids
@@ -75,7 +75,7 @@ def hf_model(s: Shape, *, block_size: int | None = None):
     return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
 
 
-def nanogpt_model(s: Shape) -> GPT:
+def _nanogpt_model(s: Shape) -> GPT:
     return GPT(GPTConfig(block_size=s.block_size, vocab_size=s.vocab_size, n_layer=s.n_layers, n_head=s.n_heads,
                          n_embd=s.d_model, dropout=0.0, bias=True))
 
@@ -95,7 +95,7 @@ def train_steps(s: Shape) -> tuple[dict, dict]:
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(s.vocab_size, (s.batch, s.block_size), generator=g) for _ in range(2))  # (B, T) each
     lr, betas, wd = 1e-3, (0.9, 0.99), 0.1
-    ours, nano = ours_model(s).train(), nanogpt_model(s).train()
+    ours, nano = ours_model(s).train(), _nanogpt_model(s).train()
 
     def cross_entropy(logits):  # (B, T, V) -> mean over B*T
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
