@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qkv.layers import KVCache, MultiHeadAttention, make_feedforward, make_norm
+from qkv.layers import KVCache, MultiHeadAttention, dropout, make_feedforward, make_norm
 from qkv.positional import ALiBi, RotaryEmbedding
 
 
@@ -48,7 +48,7 @@ class Residual(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
         self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
         self.norm_first = cfg.norm_first
 
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -160,7 +160,7 @@ class FeedForward(nn.Module):
             raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
         self.w_1 = nn.Linear(d_model, d_ff, bias=bias)
         self.activation = activations[activation]()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.w_2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,13 +174,18 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, dropout: float = 0.0, bias: bool = False):
         super().__init__()
         self.w_gate_up = nn.Linear(d_model, 2 * d_ff, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.w_2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, F) -> (B, T, D)."""
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # (B, T, F) each
         return self.w_2(self.dropout(F.silu(gate) * up))
+
+
+def dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity() when p == 0 (no call, no copy on the hot path)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def make_feedforward(d_model: int, d_ff: int, *, activation: str, dropout: float, bias: bool) -> nn.Module:

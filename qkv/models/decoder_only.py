@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qkv.blocks import BlockConfig, DecoderBlock, wanted_layers
-from qkv.layers import KVCache, make_norm
+from qkv.layers import KVCache, dropout, make_norm
 from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, relative_positions
 
 
@@ -64,7 +64,7 @@ class DecoderOnly(nn.Module):
         block = cfg.block()
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, scale=False)
         self.positions = absolute_positions(cfg.positional, cfg.d_model, cfg.block_size)
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = dropout(cfg.dropout)
         relative = relative_positions(cfg.positional, cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.block_size)
         self.layers = nn.ModuleList(DecoderBlock(block, cross=False, **relative) for _ in range(cfg.n_layers))
         self.final_norm = make_norm(cfg.norm, cfg.d_model) if cfg.norm_first else nn.Identity()

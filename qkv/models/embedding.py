@@ -54,4 +54,5 @@ class TokenEmbedding(nn.Module):
         vocab = self.weight.shape[0]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
-        return nn.functional.embedding(ids, self.weight) * self.scale
+        x = nn.functional.embedding(ids, self.weight)  # (B, T, D)
+        return x * self.scale if self.scale != 1.0 else x

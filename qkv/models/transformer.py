@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qkv.blocks import BlockConfig, DecoderBlock, EncoderBlock, wanted_layers
-from qkv.layers import KVCache, make_norm
+from qkv.layers import KVCache, dropout, make_norm
 from qkv.masks import padding_mask
 from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, relative_positions
 
@@ -74,7 +74,7 @@ class Transformer(nn.Module):
         self.tgt_embed = (self.src_embed if cfg.share_embeddings
                           else TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, scale=cfg.scale_embeddings))
         self.positions = absolute_positions(cfg.positional, cfg.d_model, cfg.max_len)
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = dropout(cfg.dropout)
         relative = relative_positions(cfg.positional, cfg.n_heads, head_dim, cfg.max_len)
         self.encoder = nn.ModuleList(EncoderBlock(block, **relative) for _ in range(cfg.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderBlock(block, **relative) for _ in range(cfg.n_decoder_layers))
