@@ -16,6 +16,7 @@ from torch import nn
 
 from qkv.layers import KVCache, MultiHeadAttention, dropout, make_feedforward, make_norm
 from qkv.positional import ALiBi, RotaryEmbedding
+from qkv.unpad import Unpadded
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,19 @@ class EncoderBlock(nn.Module):
         self.ff = make_feedforward(cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout=0.0, bias=cfg.bias)
         self.ff_residual = Residual(cfg)
 
-    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, return_weights: bool = False):
-        """x (B, T, D), mask (B, 1, 1, T) -> (B, T, D) [, {"self": (B, H, T, T)}]."""
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, return_weights: bool = False,
+                unpadded: Unpadded | None = None):
+        """x (B, T, D), mask (B, 1, 1, T) -> (B, T, D) [, {"self": (B, H, T, T)}].
+
+        With ``unpadded``, x is (N, D), the real tokens only (qkv.unpad), and so is the output.
+        """
         weights = {}
+        if unpadded is not None and return_weights:
+            raise ValueError("return_weights needs the padded (B, T, D) layout, not unpadded tokens")
 
         def attend(h):
+            if unpadded is not None:
+                return self.self_attn(h, mask=mask, unpadded=unpadded)
             if not return_weights:
                 return self.self_attn(h, mask=mask)
             out, weights["self"] = self.self_attn(h, mask=mask, return_weights=True)

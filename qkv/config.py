@@ -29,6 +29,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
+    layer_lr_decay: float = 1.0      # layer-wise LR: layer i of n gets lr * decay^(n - i); 1.0 = off
     schedule: str = "noam"           # "noam" (= inverse square root), "cosine", "linear", "constant"
     warmup_steps: int = 4000
     min_lr_ratio: float = 0.0        # cosine/linear decay floor, as a fraction of lr
@@ -62,6 +63,8 @@ class TrainConfig:
         if self.average_last > self.keep_checkpoints:
             raise ConfigError(f"train.average_last={self.average_last} needs train.keep_checkpoints >= it, "
                               f"got {self.keep_checkpoints}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"train.layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from qkv.attention import scaled_dot_product_attention
 from qkv.positional import ALiBi, RotaryEmbedding
+from qkv.unpad import Unpadded
 
 
 class KVCache:
@@ -125,11 +126,16 @@ class MultiHeadAttention(nn.Module):
         return q, k, v, 0
 
     def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                causal: bool = False, cache: KVCache | None = None, return_weights: bool = False):
+                causal: bool = False, cache: KVCache | None = None, return_weights: bool = False,
+                unpadded: Unpadded | None = None):
         """x (B, T, D); memory (B, S, D) for cross-attention; mask bool (B|1, H|1, T|1, S).
 
         Returns (B, T, D), or ((B, T, D), weights (B, H, T, S)) when return_weights.
+        With ``unpadded`` (self-attention only), x is the (N, D) matrix of real tokens and so is
+        the output: the projections skip the padding, attention alone sees (B, T).
         """
+        if unpadded is not None:
+            return self._forward_unpadded(x, unpadded, mask=mask, causal=causal)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
         if memory is not None and (memory.dim() != 3 or memory.shape[-1] != self.d_model):
@@ -148,6 +154,24 @@ class MultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, self.d_model)  # (B, T, H * Dh) = (B, T, D)
         out = self.out_proj(out)
         return (out, weights) if return_weights else out
+
+    def _forward_unpadded(self, x: torch.Tensor, unpadded: Unpadded, *, mask, causal: bool) -> torch.Tensor:
+        """x (N, D) real tokens -> (N, D)."""
+        if self.cross or x.dim() != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"unpadded attention takes self-attention on (N, d_model={self.d_model}), "
+                             f"got {tuple(x.shape)} with cross={self.cross}")
+        kv_dim = self.n_kv_heads * self.head_dim
+        qkv = unpadded.pad(self.qkv_proj(x))  # (N, D + 2 kv_dim) -> (B, T, D + 2 kv_dim)
+        q, k, v = qkv.split([self.d_model, kv_dim, kv_dim], dim=-1)
+        q, k, v = self._split(q, self.n_heads), self._split(k, self.n_kv_heads), self._split(v, self.n_kv_heads)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        T = q.shape[2]
+        bias = self.alibi(T, T) if self.alibi is not None else None
+        out = scaled_dot_product_attention(q, k, v, mask=mask, causal=causal, bias=bias,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(unpadded.batch, T, self.d_model)  # (B, T, D)
+        return self.out_proj(unpadded.unpad(out))  # (N, D)
 
 
 class FeedForward(nn.Module):

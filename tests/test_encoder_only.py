@@ -36,7 +36,7 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_shapes_and_attention_weights():
     model = tiny()
-    ids, _ = padded_batch()
+    ids, mask = padded_batch()
     hidden = model(ids)
     assert hidden.shape == (3, 7, 32)
     hidden_again, attention = model(ids, return_attention=True)
@@ -44,7 +44,8 @@ def test_shapes_and_attention_weights():
     assert attention[0]["self"].shape == (3, 4, 7, 7)
     assert torch.allclose(attention[1]["self"].sum(-1), torch.ones(3, 4, 7))
     assert attention[0]["self"][1, :, :, 4:].abs().max() == 0  # padded keys get no weight
-    torch.testing.assert_close(hidden_again, hidden, rtol=0, atol=1e-6)  # asking for weights changes nothing
+    # asking for weights changes nothing at real tokens (padding: zeros on the unpadded path)
+    torch.testing.assert_close(hidden_again[mask], hidden[mask], rtol=0, atol=1e-6)
     _, only_last = model(ids, return_attention=[-1])
     assert list(only_last) == [1]
 
@@ -195,3 +196,42 @@ def test_pre_norm_variant_and_rope_run():
     for model in (tiny(norm_first=True), tiny(positional="rope")):
         ids, mask = padded_batch()
         assert torch.isfinite(model(ids)[mask]).all()
+
+
+@pytest.mark.parametrize("positional", ["learned", "rope", "alibi"])
+def test_skipping_padding_matches_the_padded_path(positional, monkeypatch):
+    """The unpadded layers (qkv.unpad) give the padded path's outputs and gradients at real tokens."""
+    import qkv.models.encoder_only as encoder_only
+
+    torch.manual_seed(0)
+    model = EncoderOnly(dataclasses.replace(TINY, positional=positional)).eval()  # no dropout
+    ids, mask = padded_batch()
+    outputs, grads = [], []
+    for skip in (True, False):
+        monkeypatch.setattr(encoder_only, "worth_unpadding", lambda m, skip=skip: skip)
+        model.zero_grad()
+        hidden = model(ids)
+        (hidden[mask] ** 2).sum().backward()
+        outputs.append(hidden)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert outputs[0][~mask].abs().max() == 0  # padding comes back as zeros
+    torch.testing.assert_close(outputs[0][mask], outputs[1][mask], rtol=0, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_worth_unpadding_threshold():
+    from qkv.unpad import Unpadded, worth_unpadding
+
+    full = torch.ones(4, 10, dtype=torch.bool)
+    assert not worth_unpadding(full)
+    some = full.clone()
+    some[:, 9:] = False  # 10% padding
+    assert worth_unpadding(some)
+    tokens = Unpadded.from_mask(some)
+    x = torch.randn(4, 10, 3)
+    assert tokens.n_tokens == 36
+    torch.testing.assert_close(tokens.pad(tokens.unpad(x))[some], x[some])
+    with pytest.raises(ValueError, match="bool"):
+        Unpadded.from_mask(some.long())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qkv import checkpoint as ckpt
-from qkv.errors import CheckpointError, TrainingError
+from qkv.errors import CheckpointError, ConfigError, TrainingError
 from qkv.run import from_mapping, load_run, train_run
 from qkv.schedules import multiplier, noam
 from tests.helpers import tiny_translation_config, write_copy_corpus
@@ -184,3 +184,31 @@ def test_training_options_run_and_learn(tmp_path, settings):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["split"] == "train"]
     assert all(math.isfinite(x) for x in losses) and min(losses[-3:]) < losses[0]
+
+
+def test_layer_wise_learning_rates_and_decay_groups():
+    from qkv.config import TrainConfig
+    from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig, SequenceClassifier
+    from qkv.train import build_optimizer, layer_depth
+
+    assert layer_depth("encoder.embed.weight", 2) == 0
+    assert layer_depth("encoder.layers.0.ff.w_1.weight", 2) == 1
+    assert layer_depth("encoder.layers.1.ff.w_1.bias", 2) == 2
+    assert layer_depth("head.weight", 2) == 3
+    model = SequenceClassifier(EncoderOnly(EncoderOnlyConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32,
+                                                             n_layers=2, max_len=16)), n_classes=2)
+    cfg = TrainConfig(optimizer="adamw", lr=1.0, weight_decay=0.01, layer_lr_decay=0.5)
+    opt = build_optimizer(model, cfg)
+    scale = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            scale[id(p)] = (group["lr_scale"], group["weight_decay"])
+    named = dict(model.named_parameters())
+    assert scale[id(named["encoder.layers.1.self_attn.qkv_proj.weight"])] == (0.5, 0.01)
+    assert scale[id(named["encoder.layers.0.self_attn.qkv_proj.bias"])] == (0.25, 0.0)
+    assert scale[id(named["encoder.embed.weight"])][0] == 0.125
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)  # every parameter once
+    flat = build_optimizer(model, TrainConfig(optimizer="adamw"))
+    assert {g["lr_scale"] for g in flat.param_groups} == {1.0}
+    with pytest.raises(ConfigError, match="layer_lr_decay"):
+        TrainConfig(layer_lr_decay=0.0)

@@ -27,6 +27,7 @@ from torch import nn
 from qkv.blocks import BlockConfig, EncoderBlock, wanted_layers
 from qkv.layers import make_norm
 from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, relative_positions
+from qkv.unpad import Unpadded, worth_unpadding
 
 POOLING = ("mean", "cls")
 
@@ -130,13 +131,23 @@ class EncoderOnly(nn.Module):
 
         segment_ids (B, T): 0 for the first text, 1 for the second (default all 0).
         mask (B, T) bool, True = real token (default ids != pad_id); padded keys are never
-        attended, so the outputs at real tokens do not depend on padding.
+        attended, so the outputs at real tokens do not depend on padding. When a batch is at
+        least 10% padding, the layers run on the real tokens only and the outputs at padding
+        are zeros (otherwise they are whatever the padded positions computed; use the mask).
         return_attention: True for every layer's weights, or an iterable of layer indices.
         """
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
-        keys = self.token_mask(ids, mask)[:, None, None, :]  # (B, 1, 1, T)
+        real = self.token_mask(ids, mask)  # (B, T)
+        keys = real[:, None, None, :]  # (B, 1, 1, T)
         x = self._embed(ids, segment_ids)
+        if not return_attention and worth_unpadding(real):
+            # Token-wise layers on the N real tokens only (qkv.unpad); padding comes back as zeros.
+            tokens = Unpadded.from_mask(real)
+            h = tokens.unpad(x)  # (N, D)
+            for layer in self.layers:
+                h = layer(h, mask=keys, unpadded=tokens)
+            return tokens.pad(self.final_norm(h))  # (B, T, D)
         want = wanted_layers(return_attention, len(self.layers))
         attention = {}
         for i, layer in enumerate(self.layers):
