@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick lint venv clean
+.PHONY: demo test bench bench-quick lint docs venv clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,17 @@ bench-quick: $(STAMP)
 	@for f in benchmarks/[a-z]*.py; do echo "# $$f" >&2; $(PY) $$f --quick || exit 1; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check qkv tests benchmarks
+	$(VENV)/bin/ruff check qkv tests benchmarks docs
+
+# The documentation site (mkdocs.yml): built offline into site/; any warning is an error.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

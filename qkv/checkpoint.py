@@ -50,14 +50,16 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(model: torch.nn.Module, path: Path, *, metadata: dict[str, str] | None = None) -> None:
-    """Atomically write the model's weights as safetensors."""
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path, *,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Atomically write the model's weights (or a full state dict, e.g. gathered from FSDP) as safetensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(unique_state_dict(model), tmp, metadata=metadata)
+        tensors = model if isinstance(model, dict) else unique_state_dict(model)
+        save_file(tensors, tmp, metadata=metadata)
         fsync_file(Path(tmp))
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -122,13 +124,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, train_state: dict[str, Any],
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
+                    train_state: dict[str, Any],
                     meta: dict[str, Any], *, keep: int, protect: set[str] = frozenset()) -> Path:
     """Write checkpoints/step_N whole, switch ``latest`` to it, and keep the newest ``keep``."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    except OSError as err:
+        raise _not_saved(run_dir, root / name, err) from None
     try:
         save_weights(model, tmp / WEIGHTS)
         torch.save(train_state, tmp / STATE)
@@ -139,12 +145,24 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, train_stat
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(root)
+    except OSError as err:  # a full disk, a folder turned read-only: say what is still safe
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _not_saved(run_dir, root / name, err) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_bytes(root / "latest", name.encode())
+    try:
+        atomic_write_bytes(root / "latest", name.encode())
+    except OSError as err:  # the checkpoint is complete; latest_checkpoint() finds it without the pointer
+        raise CheckpointError(f"{final}: saved, but {root / 'latest'} could not be updated ({err})") from None
     _rotate(root, keep=keep, protect=set(protect) | {name})
     return final
+
+
+def _not_saved(run_dir: Path, target: Path, err: OSError) -> CheckpointError:
+    previous = latest_checkpoint(run_dir)
+    safe = f"the last complete checkpoint, {previous}, is intact" if previous else "there is no earlier checkpoint"
+    return CheckpointError(f"{target}: checkpoint not saved ({err.strerror or err}); {safe}")
 
 
 def _rotate(root: Path, *, keep: int, protect: set[str]) -> None:

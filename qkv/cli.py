@@ -18,6 +18,7 @@ import torch
 from qkv.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 log = logging.getLogger("qkv")
+TRANSLATION_TASKS = ("translation", "translation-rnn")  # qkv.tasks.translation, qkv.tasks.rnn_translation
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,11 +92,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from qkv import run
+    from qkv import distributed, run
 
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    # torchrun --max-restarts: a restarted worker continues the run its first attempt started
+    args.resume = args.resume or (distributed.restart_count() > 0 and (out / "config.json").exists())
     if args.resume:
         cfg = run.read_run_config(out, args.set)
     else:
@@ -105,9 +108,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    seed_everything(cfg.train.seed)
-    metrics = run.train_run(cfg, out, device=device, resume=args.resume, progress=not args.quiet)
-    print(json.dumps({"run_dir": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
+    with distributed.launch(device) as (world, device):  # joins torchrun's process group, if any
+        seed_everything(cfg.train.seed)
+        metrics = run.train_run(cfg, out, device=device, resume=args.resume, progress=not args.quiet, world=world)
+    if world.is_main:
+        print(json.dumps({"run_dir": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:
@@ -115,18 +120,28 @@ def _cmd_translate(args: argparse.Namespace) -> None:
     from qkv.run import load_run
 
     device = resolve_device(args.device)
-    cfg, model, (src_tok, tgt_tok) = load_run(args.run_dir, device=device, task="translation")
+    cfg, model, (src_tok, tgt_tok) = load_run(args.run_dir, device=device, task=_translation_task(args.run_dir))
     lines = _read_input(args.input)
     beam = args.beam if args.beam is not None else cfg.decode.beam_size
     if beam < 1:
         raise ConfigError(f"--beam must be >= 1, got {beam}")
     keep = [i for i, line in enumerate(lines) if line.strip()]
+    source = args.input if args.input not in (None, "-") else "<stdin>"
     hyps = translate(model, src_tok, tgt_tok, [lines[i] for i in keep], beam_size=beam,
-                     length_penalty=cfg.decode.length_penalty, batch_size=cfg.decode.batch_size, device=device)
+                     length_penalty=cfg.decode.length_penalty, batch_size=cfg.decode.batch_size, device=device,
+                     names=[f"{source}:{i + 1}" for i in keep])
     out = [""] * len(lines)
     for i, hyp in zip(keep, hyps):
         out[i] = hyp
     _write_output(args.output, out)
+
+
+def _translation_task(run_dir: str) -> str:
+    """The run's task when it is a translation family (Transformer or RNN), else "translation" (for the error)."""
+    from qkv.run import read_run_config
+
+    task = read_run_config(run_dir).task
+    return task if task in TRANSLATION_TASKS else "translation"
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -135,7 +150,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     task = read_run_config(args.run_dir).task
     device = resolve_device(args.device)
     cfg, model, artifacts = load_run(args.run_dir, device=device)
-    if task == "translation":
+    if task in TRANSLATION_TASKS:
         result = _evaluate_translation(args, cfg, model, artifacts, device)
     elif task == "lm":
         result = _evaluate_lm(args, cfg, model, artifacts)
@@ -145,6 +160,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         if not args.data:
             raise ConfigError(f"evaluate on a {task} run needs --data FILE (TSV/CSV with labels)")
         result = evaluate_file(cfg, model, artifacts, args.data, run_dir=args.run_dir)
+    elif task in ("image_classification", "image_embedding"):
+        from qkv.tasks.vision import evaluate_run
+
+        result = evaluate_run(cfg, model, artifacts, args.run_dir, data=args.data)
     else:
         raise ConfigError(f"evaluate does not know task {task!r}")
     print(json.dumps({"run_dir": str(args.run_dir), "task": task, **result}))
@@ -191,13 +210,20 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     cfg, model, tokenizer = load_run(args.run_dir, device=device, task="lm")
     d = cfg.decode
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
-        temperature=args.temperature if args.temperature is not None else d.temperature,
-        top_k=args.top_k if args.top_k is not None else d.top_k,
-        top_p=args.top_p if args.top_p is not None else d.top_p,
-    )
-    prompt = tokenizer.encode(args.prompt)
+    try:
+        sampling = SamplingConfig(
+            max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
+            temperature=args.temperature if args.temperature is not None else d.temperature,
+            top_k=args.top_k if args.top_k is not None else d.top_k,
+            top_p=args.top_p if args.top_p is not None else d.top_p,
+        )
+    except ValueError as err:  # "temperature must be ..." -> "--temperature must be ..."
+        field, _, rest = str(err).partition(" ")
+        raise ConfigError(f"--{field.replace('_', '-')} {rest}") from None
+    try:
+        prompt = tokenizer.encode(args.prompt)
+    except DataError as err:
+        raise DataError(f"--prompt: {str(err).removeprefix('text: ')}") from None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     new: list[int] = []
@@ -217,10 +243,32 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     from qkv.run import load_run
     from qkv.tasks.classification import classify_texts
 
+    if args.image:
+        from qkv.tasks.vision import classify_images
+
+        cfg, model, artifacts = load_run(args.run_dir, device=resolve_device(args.device),
+                                         task="image_classification")
+        labelled = classify_images(cfg, model, artifacts, args.image)
+        _write_output(args.output, [f"{f}\t{label}\t{prob:.4f}" for f, (label, prob) in zip(args.image, labelled)])
+        return
     cfg, model, artifacts = load_run(args.run_dir, device=resolve_device(args.device), task="classification")
     lines = _read_input(args.input)
     labelled = classify_texts(model, artifacts, lines, batch_size=args.batch_size)
     _write_output(args.output, [f"{label}\t{prob:.4f}" for label, prob in labelled])
+
+
+def _cmd_attention(args: argparse.Namespace) -> None:
+    from qkv.attention_maps import draw_run_attention  # --image F --out F.png goes on to qkv.viz_image
+
+    print(json.dumps(draw_run_attention(args.run_dir, args.out, text=args.text, image=args.image, kind=args.kind,
+                                        layer=args.layer, head=args.head, max_tokens=args.max_tokens,
+                                        device=resolve_device(args.device))))
+
+
+def _cmd_plot(args: argparse.Namespace) -> None:
+    from qkv.viz import plot_run
+
+    print(json.dumps({"out": str(plot_run(args.run_dir, args.out))}))
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
@@ -248,6 +296,26 @@ def _cmd_data(args: argparse.Namespace) -> None:
     kwargs = {"base_url": args.url} if args.url else {}
     written = fetch_multi30k(args.out, **kwargs)
     print(json.dumps({"dataset": args.name, "dir": str(args.out), "files": [str(p) for p in written]}))
+
+
+def _cmd_study(args: argparse.Namespace) -> None:
+    """Both studies write a Markdown report with PNGs into --out; see qkv/studies/."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    seed_everything(0)
+    command = " ".join(["qkv study", *sys.argv[2:]]) if sys.argv[1:2] == ["study"] else f"qkv study {args.name}"
+    if args.name == "rnn-vs-attention":
+        from qkv.studies import rnn_vs_attention as study
+
+        report = study.run_study(args.out, args.work, settings=study.settings_for(args.quick), data_dir=args.data,
+                                 extra_runs=tuple(args.run), command=command)
+    else:
+        from qkv.studies import attention_variants as study
+
+        report = study.run_study(args.out, settings=study.settings_for(args.quick), command=command)
+    print(json.dumps({"study": args.name, "report": str(report)}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a trained run; prints one JSON object")
     p.add_argument("run_dir")
     p.add_argument("--text", help="language model: a UTF-8 text file to score")
-    p.add_argument("--data", help="classification/embedding: a labelled TSV/CSV file")
+    p.add_argument("--data", help="classification/embedding: a labelled TSV/CSV file; image runs: an .npz or a "
+                   "folder of class subfolders (default: the run's recorded test split)")
     p.add_argument("--src", help="translation: source file")
     p.add_argument("--ref", help="translation: reference file, aligned with --src")
     p.add_argument("--beam", type=int)
@@ -306,10 +375,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="label each input line with a trained classifier: label<TAB>probability")
     p.add_argument("run_dir")
     p.add_argument("--input", help="one text per line (default: stdin)")
+    p.add_argument("--image", nargs="+", metavar="F",
+                   help="image run: PNG/JPEG files to label instead; prints file<TAB>label<TAB>probability")
     p.add_argument("--output", help="default: stdout")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("attention", help="draw a trained model's attention: heads of a layer, alignment, "
+                                         "image maps and rollout, or an interactive page")
+    p.add_argument("run_dir")
+    p.add_argument("--image", metavar="F", help="image run: a PNG/JPEG file to draw the attention over")
+    p.add_argument("--text", metavar="T", help="text run (translation, lm, classification): the input text")
+    p.add_argument("--out", required=True, metavar="F.png|F.html",
+                   help="picture to write, or an interactive page (pick layer and head, hover tokens)")
+    p.add_argument("--layer", type=int, help="layer to draw (default: the last; .html: all layers)")
+    p.add_argument("--head", type=int, help="one head, drawn large (default: every head and their mean)")
+    p.add_argument("--kind", choices=["encoder", "decoder", "cross"],
+                   help="which attention (.png; default: cross-attention for translation, else the only one)")
+    p.add_argument("--max-tokens", type=int, default=96, help=".png: longer inputs are binned to this many cells")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_attention)
+
+    p = sub.add_parser("plot", help="draw a run's training curves: loss, validation metric, learning rate")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="picture to write (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("embed", help="embed each input line with a trained encoder into a .npy matrix")
     p.add_argument("run_dir")
@@ -318,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("study", help="train and measure several models; write a Markdown report with plots")
+    p.add_argument("name", choices=["rnn-vs-attention", "attention-variants"])
+    p.add_argument("--quick", action="store_true", help="small settings: a few minutes on 2 CPU cores")
+    p.add_argument("--out", default="docs/studies", help="folder for the report and its PNGs (default: docs/studies)")
+    p.add_argument("--work", default="runs/studies", help="rnn-vs-attention: folder for its Multi30k runs")
+    p.add_argument("--data", default="data/multi30k",
+                   help="rnn-vs-attention: Multi30k folder (`qkv data multi30k`); the section is skipped without it")
+    p.add_argument("--run", action="append", default=[], metavar="RUN_DIR",
+                   help="rnn-vs-attention: also score this trained translation run by length (repeatable)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("data", help="download a public data set")
     p.add_argument("name", choices=["multi30k"])

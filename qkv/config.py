@@ -49,10 +49,13 @@ class TrainConfig:
     max_skipped: int = 10            # with on_nan="skip": stop after this many consecutive bad steps
     seed: int = 1
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
+    parallel: str = "ddp"            # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 fully_shard)
+    peak_tflops: float = 0.0         # per-device peak for the MFU figure; 0 = $QKV_PEAK_TFLOPS, else measured on CUDA
 
     def __post_init__(self):
         choices = {"optimizer": ("adam", "adamw"), "schedule": ("noam", "cosine", "linear", "constant"),
-                   "precision": ("auto", "fp32", "bf16"), "on_nan": ("stop", "skip")}
+                   "precision": ("auto", "fp32", "bf16"), "on_nan": ("stop", "skip"),
+                   "parallel": ("ddp", "fsdp")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -28,6 +28,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from qkv.errors import DataError
 from qkv.layers import KVCache
 
 Cache = list[tuple[KVCache, KVCache]]
@@ -316,19 +317,33 @@ def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) ->
     return batches
 
 
+def _check_source_lengths(cfg, ids: list[list[int]], names: Sequence[str] | None) -> None:
+    if getattr(cfg, "positional", None) != "learned":
+        return
+    for i, x in enumerate(ids):
+        if len(x) > cfg.max_len:
+            where = names[i] if names is not None else f"sentence {i + 1}"
+            raise DataError(f"{where}: {len(x)} tokens (with EOS), more than the model's {cfg.max_len} learned "
+                            f"positions; shorten or split the line")
+
+
 def translate(model: nn.Module, src_tok: Tokenizer, tgt_tok: Tokenizer, sentences: Sequence[str], *,
               beam_size: int = 4, length_penalty: float = 0.6, batch_size: int = 64, max_tokens: int | None = None,
-              max_len_a: float = 1.0, max_len_b: int = 50, device: torch.device | str | None = None) -> list[str]:
+              max_len_a: float = 1.0, max_len_b: int = 50, device: torch.device | str | None = None,
+              names: Sequence[str] | None = None) -> list[str]:
     """Translate sentences: tokenize (tokens + EOS), batch by length, decode, restore order, detokenize.
 
     beam_size=1 runs ``greedy_decode`` (identical output, less work), otherwise ``beam_search``.
-    ``device`` is where the source ids go, by default the model's own.
+    ``device`` is where the source ids go, by default the model's own. ``names`` (e.g.
+    ``"input.txt:7"``) name the sentences in errors: a sentence longer than a learned position
+    table is an error (sinusoidal, RoPE and ALiBi positions extend to any length).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_tokenizers(model.cfg, src_tok, tgt_tok)
     device = next(model.parameters()).device if device is None else torch.device(device)
     ids = [src_tok.encode(s) + [src_tok.eos_id] for s in sentences]
+    _check_source_lengths(model.cfg, ids, names)
     out: list[str] = [""] * len(ids)
     for batch in _batches([len(x) for x in ids], batch_size, max_tokens):
         src = torch.full((len(batch), len(ids[batch[0]])), src_tok.pad_id, dtype=torch.long)  # (B, S)

@@ -93,17 +93,30 @@ def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu", task: s
 
 
 def train_run(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, resume: bool = False,
-              progress: bool = False) -> dict:
-    """Read the data, build the model, train, and leave a complete run directory behind."""
+              progress: bool = False, world=None) -> dict:
+    """Read the data, build the model, train, and leave a complete run directory behind.
+
+    ``world`` (a qkv.distributed.World, under torchrun): rank 0 builds the tokenizers and writes
+    the run directory; the other ranks then load them from it, as a resumed run would.
+    """
+    from qkv import distributed
     from qkv.train import Trainer
 
+    world = world or distributed.World()
     run_dir = Path(run_dir)
     if not resume and (run_dir / ckpt.CONFIG).exists():
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
     if resume and not (run_dir / ckpt.CONFIG).exists():
         raise CheckpointError(f"{run_dir}: nothing to resume (no {ckpt.CONFIG})")
-    task = cfg.spec.make_task(cfg, run_dir, resume=resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(run_dir, task.cfg)
-    trainer = Trainer(task, task.cfg.train, run_dir, device=device, progress=progress)
+    distributed.barrier()  # every rank has checked run_dir before rank 0 writes into it
+    if world.is_main:
+        task = cfg.spec.make_task(cfg, run_dir, resume=resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_dir, task.cfg)
+    distributed.barrier()
+    if not world.is_main:
+        resolved = read_run_config(run_dir)
+        task = resolved.spec.make_task(resolved, run_dir, resume=True)
+    trainer = Trainer(task, task.cfg.train, run_dir, device=device, progress=progress, rank=world.rank,
+                      world_size=world.world_size)
     return trainer.fit(resume=resume)

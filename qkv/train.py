@@ -4,6 +4,13 @@ A *task* (qkv.tasks.*) knows its data, model and loss; the engine knows optimisa
 AdamW with the paper's schedule or a modern one, gradient accumulation and clipping, bf16
 autocast, optional torch.compile, periodic evaluation, early stopping, atomic checkpoints, exact
 resume, and a stop with a clear message (keeping the last good checkpoint) on a NaN/Inf loss.
+
+Under torchrun (``world_size`` > 1) the same loop runs on every rank through qkv.distributed:
+each rank takes its shard of the epoch's batches, gradients are averaged by DDP (or reduced by
+FSDP2), the logged loss is the mean over ranks and ``tokens_per_s`` their sum; every rank
+evaluates (so FSDP's collectives line up, and all agree on early stopping); rank 0 alone writes
+checkpoints, metrics and the final model, with a barrier after each save. N ranks with
+``accumulate`` k train exactly as one process with ``accumulate`` N x k (same global batch).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from qkv import checkpoint as ckpt
+from qkv import distributed, mfu
 from qkv.config import TrainConfig
-from qkv.errors import TrainingError
+from qkv.errors import CheckpointError, TrainingError
 from qkv.schedules import multiplier
 
 log = logging.getLogger(__name__)
@@ -128,12 +136,16 @@ class Trainer:
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
         self.device, self.rank, self.world_size = device, rank, world_size
         self.model = (model if model is not None else task.build_model()).to(device)
-        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        # DDP wraps self.model; FSDP2 shards it in place (so the optimizer comes after)
+        wrapped = distributed.wrap(self.model, cfg.parallel, device) if world_size > 1 else self.model
+        self.train_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = build_optimizer(self.model, cfg)
         self.amp_dtype = autocast_dtype(cfg.precision, device)
         self.state = Progress()
         self.show_progress = progress and rank == 0
         self._epoch_batches: tuple[int, list] | None = None
+        self._flops_per_token: float | None = None  # with a known peak: for the MFU figure
+        self._peak: float | None = None
 
     # -- batches ---------------------------------------------------------------------------
     def _batches(self, epoch: int) -> list:
@@ -167,15 +179,18 @@ class Trainer:
         """Accumulate ``cfg.accumulate`` micro-batches, clip, update. Returns (loss, tokens, lr)."""
         self.train_model.train()
         lr = self._set_lr()
-        total_loss, total_tokens = 0.0, 0
-        for _ in range(self.cfg.accumulate):
+        total_loss, total_tokens, k = 0.0, 0, self.cfg.accumulate
+        for i in range(k):
             batch = to_device(self._next_batch(), self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss, n_tokens = self.task.loss(self.train_model, batch, label_smoothing=self.cfg.label_smoothing)
-            (loss / self.cfg.accumulate).backward()
-            total_loss += loss.detach().float() / self.cfg.accumulate
+            with distributed.gradient_sync(self.train_model, i == k - 1):  # all-reduce on the last micro-batch
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss, n_tokens = self.task.loss(self.train_model, batch, label_smoothing=self.cfg.label_smoothing)
+                (loss / k).backward()
+            total_loss += loss.detach().float() / k
             total_tokens += int(n_tokens)
-        value = float(total_loss)
+        # the global batch's loss: the mean over ranks (NaN on one rank is NaN on all, so all skip alike)
+        summed_loss, total_tokens = distributed.all_reduce_sum([float(total_loss), total_tokens], self.device)
+        value, total_tokens = summed_loss / self.world_size, int(total_tokens)
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             return value, total_tokens, lr
@@ -200,6 +215,7 @@ class Trainer:
         """Train to ``max_steps`` (or early stop); returns the last evaluation's metrics."""
         if resume:
             self._resume()
+        self._measure_flops()
         bar = tqdm(total=self.cfg.max_steps, initial=self.state.step, disable=not self.show_progress,
                    unit="step", dynamic_ncols=True)
         window_tokens, window_start, skipped, metrics = 0, time.perf_counter(), 0, {}
@@ -218,13 +234,16 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "split": "train", "loss": round(value, 5), "lr": lr,
                           "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), "epoch": self.state.epoch}
+                if self._flops_per_token is not None:
+                    record["mfu"] = round(mfu.mfu(self._flops_per_token, window_tokens / max(elapsed, 1e-9),
+                                                  self._peak, self.world_size), 4)
                 self._log(record)
                 bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_tokens, window_start = 0, time.perf_counter()
             stop = False
             if step % self.cfg.eval_every == 0 or step == self.cfg.max_steps:
                 metrics = self._evaluate()
-                stop = self._early_stop(metrics)
+                stop = distributed.broadcast_flag(self._early_stop(metrics), self.device)
             if step % self.cfg.save_every == 0 or step == self.cfg.max_steps or stop:
                 self.save()
             if stop:
@@ -233,6 +252,28 @@ class Trainer:
         bar.close()
         self._export()
         return metrics
+
+    def _measure_flops(self) -> None:
+        """Model FLOPs per token of the next training batch, when a peak is known (see qkv.mfu)."""
+        self._peak = mfu.peak_flops(self.cfg.peak_tflops, self.device, self.amp_dtype)
+        if self._peak is None:
+            return
+        s = self.state
+        batches = self._batches(s.epoch)
+        batch = to_device(batches[min(s.batch_index, len(batches) - 1)], self.device)
+        counted = {}
+
+        def forward():
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                counted["tokens"] = self.task.loss(self.model, batch, label_smoothing=0.0)[1]
+
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the generators stay where exact resume expects them
+        flops = mfu.forward_flops(forward)
+        self.model.train(was_training)
+        self._flops_per_token = mfu.training_flops_per_token(flops, int(counted["tokens"]))
+        log.info("MFU: %.3g model FLOPs per token, peak %.1f TFLOP/s per device", self._flops_per_token,
+                 self._peak / 1e12)
 
     def _evaluate(self) -> dict[str, float]:
         was_training = self.model.training
@@ -283,29 +324,63 @@ class Trainer:
         return self._writer
 
     def save(self) -> Path | None:
-        if self.rank != 0:
-            return None
-        s = self.state
-        train_state = {"optimizer": self.optimizer.state_dict(), "rng": ckpt.rng_state(),
-                       "progress": {k: v for k, v in vars(s).items() if k != "history"}}
-        protect = {f"step_{s.best_step:08d}"} if s.best_step is not None else set()
-        return ckpt.save_checkpoint(self.run_dir, s.step, self.model, train_state,
-                                    {"epoch": s.epoch, "tokens": s.tokens, "best": s.best, "best_step": s.best_step},
-                                    keep=self.cfg.keep_checkpoints, protect=protect)
+        """Rank 0 writes the checkpoint (the gathering is collective under FSDP); all ranks wait for it."""
+        s, sharded = self.state, distributed.is_sharded(self.model)
+        weights = distributed.full_state_dict(self.model) if self.rank == 0 or sharded else {}
+        optimizer = distributed.optimizer_state_dict(self.model, self.optimizer) if self.rank == 0 or sharded else {}
+        rngs = distributed.gather_objects(ckpt.rng_state())  # each rank's generators, for exact resume
+        path = None
+        if self.rank == 0:
+            progress = {**{k: v for k, v in vars(s).items() if k != "history"}, "world_size": self.world_size}
+            train_state = {"optimizer": optimizer, "rng": rngs[0], "rng_ranks": rngs, "progress": progress}
+            protect = {f"step_{s.best_step:08d}"} if s.best_step is not None else set()
+            meta = {"epoch": s.epoch, "tokens": s.tokens, "best": s.best, "best_step": s.best_step,
+                    "world_size": self.world_size}
+            path = ckpt.save_checkpoint(self.run_dir, s.step, weights, train_state, meta,
+                                        keep=self.cfg.keep_checkpoints, protect=protect)
+        distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete
+        return path
 
     def _resume(self) -> None:
-        ckpt.cleanup_partial(self.run_dir)
+        if self.rank == 0:
+            ckpt.cleanup_partial(self.run_dir)
+        distributed.barrier()
         last = ckpt.latest_checkpoint(self.run_dir)
-        if last is None:
-            raise TrainingError(f"{self.run_dir}: --resume found no complete checkpoint")
-        ckpt.load_weights(self.model, last / ckpt.WEIGHTS)
+        if last is None:  # stopped (or restarted by torchrun) before the first checkpoint: nothing is lost
+            log.warning("%s: no complete checkpoint to resume from; training from step 0", self.run_dir)
+            return
+        self._load_weights(last / ckpt.WEIGHTS)
         state = ckpt.load_train_state(last)
-        self.optimizer.load_state_dict(state["optimizer"])
-        for key, value in state["progress"].items():
+        distributed.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        progress = dict(state["progress"])
+        saved_world = progress.pop("world_size", 1)
+        for key, value in progress.items():
             setattr(self.state, key, value)
-        ckpt.set_rng_state(state["rng"])
+        if saved_world != self.world_size:  # batch_index counts this rank's batches: convert via the global count
+            consumed = self.state.batch_index * saved_world
+            self.state.batch_index = -(-consumed // self.world_size)
+            if consumed % self.world_size:
+                log.warning("%s: %d batches of the epoch done by %d processes cannot be split evenly among %d; "
+                            "skipping to the next whole step", last, consumed, saved_world, self.world_size)
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) != self.world_size and self.world_size > 1:
+            log.warning("%s was saved by %d processes, resumed by %d: the data order is kept per epoch but dropout "
+                        "draws differ from an uninterrupted run", last, len(ranks), self.world_size)
+        ckpt.set_rng_state(ranks[self.rank] if len(ranks) == self.world_size else state["rng"])
         self._truncate_metrics(self.state.step)
         log.info("resumed from %s (step %d)", last, self.state.step)
+
+    def _load_weights(self, path: Path) -> None:
+        if not distributed.is_sharded(self.model):
+            ckpt.load_weights(self.model, path)
+            return
+        tensors = ckpt.read_weights(path)
+        missing, unexpected = distributed.unique_names(self.model) - set(tensors), set(tensors) - set(
+            self.model.state_dict())
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: weights do not fit this model (missing {sorted(missing)[:3]}, "
+                                  f"unexpected {sorted(unexpected)[:3]})")
+        distributed.load_full_state_dict(self.model, tensors)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from (they will be written again)."""
@@ -318,17 +393,21 @@ class Trainer:
 
     def _export(self) -> None:
         """run_dir/model.safetensors: the average of the last k checkpoints, or the best, or the last."""
-        if self.rank != 0:
+        sharded = distributed.is_sharded(self.model)
+        if self.rank != 0 and not sharded:
+            distributed.barrier()
             return
         saved = ckpt.list_checkpoints(self.run_dir)
         if self.cfg.average_last > 1 and len(saved) > 1:
             chosen = saved[-self.cfg.average_last:]
-            averaged = ckpt.average_weights(chosen)
-            self.model.load_state_dict(averaged, strict=False)
+            distributed.load_full_state_dict(self.model, ckpt.average_weights(chosen))
             log.info("final model: average of %s", ", ".join(p.name for p in chosen))
         elif self.cfg.patience > 0 and self.state.best_step is not None:
             best = self.run_dir / "checkpoints" / f"step_{self.state.best_step:08d}"
             if best.exists():
-                ckpt.load_weights(self.model, best / ckpt.WEIGHTS)
+                self._load_weights(best / ckpt.WEIGHTS)
                 log.info("final model: best checkpoint %s", best.name)
-        ckpt.save_weights(self.model, self.run_dir / ckpt.WEIGHTS)
+        weights = distributed.full_state_dict(self.model)  # collective under FSDP
+        if self.rank == 0:
+            ckpt.save_weights(weights, self.run_dir / ckpt.WEIGHTS)
+        distributed.barrier()

@@ -115,7 +115,7 @@ def test_label_vocabulary_sorts_integers_numerically():
     ("label\ttext\n1\tok\n0\t  \n", "f.tsv:3: empty text"),
     ("label\ttext\n1\tok\n\tfine\n", "f.tsv:3: empty label"),
     ("label\ttext\n1\tok\n\n0\tfine\n", "f.tsv:3: empty line"),
-    ("stars\tbody\n1\tok\n", "first line is not a header"),
+    ("stars\tbody\n1\tok\n", "the first line is not a header"),
     ("1\tok\t!\n0\tfine\t?\n", "f.tsv:1: without a header"),
 ])
 def test_bad_rows_name_the_line(tmp_path, body, message):
@@ -255,7 +255,7 @@ def test_config_errors(tmp_path, capsys):
     err = train_fails(config, tmp_path / "run2", capsys, "--set", "model.n_classes=3")
     assert "model.n_classes=3, but the training data has 2 labels" in err
     err = train_fails(config, tmp_path / "run3", capsys, "--set", "data.label_column=stars")
-    assert "not a header naming them" in err
+    assert "data.label_column='stars' names a column, but the first line is not a header" in err
 
 
 @pytest.mark.parametrize("loss", ["batch_hard", "batch_all", "contrastive"])

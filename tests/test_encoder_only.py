@@ -235,3 +235,11 @@ def test_worth_unpadding_threshold():
     torch.testing.assert_close(tokens.pad(tokens.unpad(x))[some], x[some])
     with pytest.raises(ValueError, match="bool"):
         Unpadded.from_mask(some.long())
+
+
+def test_wrappers_keep_the_encoders_mode():
+    """load_hf_bert returns an encoder in eval mode; wrapping it must not switch dropout back on."""
+    encoder = tiny().eval()
+    assert not SentenceEncoder(encoder).training and not encoder.training
+    assert not SequenceClassifier(encoder, n_classes=2).training
+    assert SentenceEncoder(tiny().train()).training

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qkv.data.batching import pad_sequences
+from qkv.data.batching import _split_to_multiple, pad_sequences
 from qkv.data.text import read_tsv
 from qkv.data.tokenizer import TextTokenizer
 from qkv.data.wordpiece import WordPieceBatch
@@ -167,8 +167,10 @@ def _choose_columns(path: str, rows, lines, header: bool, label_column: str | No
     """(label index, text index, data rows, their lines) for a file with or without a header."""
     if not header:
         if label_column or text_column:
-            raise DataError(f"{path}:1: data.label_column/text_column name columns, but the first line is not a "
-                            f"header naming them: {list(rows[0])}")
+            given = ", ".join(f"{k}={v!r}" for k, v in (("data.label_column", label_column),
+                                                         ("data.text_column", text_column)) if v)
+            raise DataError(f"{path}:1: {given} names a column, but the first line is not a header with it: "
+                            f"{list(rows[0])}")
         if len(rows[0]) != 2:
             raise DataError(f"{path}:1: without a header a line must be label<TAB>text (2 fields), got "
                             f"{len(rows[0])}; give the file a header naming its columns")
@@ -263,9 +265,13 @@ class BpeSentenceTokenizer:
 # -- batches ---------------------------------------------------------------------------------------
 def sentence_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
                      world_size: int = 1) -> list[list[int]]:
-    """Shuffled batches of ``batch_size`` example indices (the last may be smaller); this rank's share."""
+    """Shuffled batches of ``batch_size`` example indices (the last may be smaller); this rank's share.
+
+    With ``world_size`` > 1 the largest batches are split in two until the count divides by it,
+    so that every rank takes as many steps and every example is seen once per epoch."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return _shard([order[i:i + batch_size] for i in range(0, n, batch_size)], rank, world_size)
+    batches = _split_to_multiple([order[i:i + batch_size] for i in range(0, n, batch_size)], world_size)
+    return _shard(batches, rank, world_size)
 
 
 def class_balanced_batches(labels: Sequence[int], batch_size: int, per_class: int, *, seed: int, epoch: int,
@@ -277,7 +283,8 @@ def class_balanced_batches(labels: Sequence[int], batch_size: int, per_class: in
     reshuffled, once used up. So every anchor has positives and negatives in its batch, and
     classes are drawn uniformly (a rare class is seen more often than its frequency, and one
     with fewer than K examples repeats them within its group). An epoch
-    has as many batches as plain shuffled ones, ceil(N / batch_size), each of P * K examples.
+    has as many batches as plain shuffled ones, ceil(N / batch_size), each of P * K examples
+    (rounded up to a multiple of ``world_size``, which deals them out to the ranks).
     """
     rng = np.random.default_rng([seed, epoch])
     labels = np.asarray(labels)
@@ -285,7 +292,8 @@ def class_balanced_batches(labels: Sequence[int], batch_size: int, per_class: in
     streams = [_ClassStream(np.flatnonzero(labels == c), rng) for c in classes]
     n_picks = max(1, batch_size // per_class)
     batches = []
-    for _ in range(-(-len(labels) // batch_size)):
+    n_batches = -(-len(labels) // batch_size)
+    for _ in range(-(-n_batches // max(world_size, 1)) * world_size):  # drawn up to a multiple of the ranks
         picks = np.resize(rng.permutation(len(classes)), n_picks)  # P classes, distinct while they last
         batches.append(np.concatenate([streams[c].take(per_class) for c in picks]))
     return _shard(batches, rank, world_size)

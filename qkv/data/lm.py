@@ -2,7 +2,9 @@
 
 As in nanoGPT, training samples blocks of ``block_size + 1`` tokens at random offsets: x is the
 first ``block_size`` tokens and y the same block shifted by one. Sampling is deterministic in
-(seed, epoch, index, rank), so a resumed run sees exactly the batches it would have seen.
+(seed, epoch, index), so a resumed run sees exactly the batches it would have seen. Under data
+parallelism rank r of N draws the epoch's batches r, r + N, r + 2N, ...: together the ranks draw
+the same batches as one process, in the same global order.
 """
 
 from __future__ import annotations
@@ -39,15 +41,20 @@ def split_ids(ids: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, tor
 
 
 class RandomBlocks(Sequence):
-    """``n_batches`` batches of ``batch_size`` random blocks: {"x": (B, T), "y": (B, T)} long tensors."""
+    """``n_batches`` batches of ``batch_size`` random blocks: {"x": (B, T), "y": (B, T)} long tensors.
+
+    Batch i of rank ``rank`` (of ``world_size``) is batch i * world_size + rank of the epoch's stream.
+    """
 
     def __init__(self, ids: torch.Tensor, *, block_size: int, batch_size: int, n_batches: int, seed: int,
-                 epoch: int = 0, rank: int = 0, name: str = "data"):
+                 epoch: int = 0, rank: int = 0, world_size: int = 1, name: str = "data"):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
         if len(ids) < block_size + 1:
             raise DataError(f"{name}: {len(ids)} tokens, fewer than block_size + 1 = {block_size + 1}; "
                             "use more text or a smaller model.block_size")
         self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
-        self.n_batches, self.key = n_batches, (seed, epoch, rank)
+        self.n_batches, self.key, self.rank, self.world_size = n_batches, (seed, epoch), rank, world_size
 
     def __len__(self) -> int:
         return self.n_batches
@@ -55,9 +62,9 @@ class RandomBlocks(Sequence):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.n_batches:
             raise IndexError(index)
-        seed, epoch, rank = self.key
+        seed, epoch = self.key
         mixed = 0
-        for part in (seed, epoch, rank, index):  # a fixed mix, the same in every Python process
+        for part in (seed, epoch, 0, index * self.world_size + self.rank):  # a fixed mix, the same in every process
             mixed = (mixed * 1_000_003 + part) % (2**61 - 1)
         generator = torch.Generator().manual_seed(mixed)
         starts = torch.randint(len(self.ids) - self.block_size, (self.batch_size,), generator=generator)

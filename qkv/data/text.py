@@ -9,6 +9,7 @@ bytes, so an error names the exact ``path:line`` (1-based) and byte offset.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,12 @@ def read_lines(path: str | os.PathLike, *, max_chars: int | None = None, allow_e
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     return parse_lines(data, name=str(path), max_chars=max_chars, allow_empty=allow_empty)
+
+
+# Characters that str.splitlines() and many tools treat as line ends, besides "\n" and "\r\n".
+_NAMES = {"\r": "carriage return", "\x85": "NEXT LINE (U+0085)", "\u2028": "LINE SEPARATOR (U+2028)",
+          "\u2029": "PARAGRAPH SEPARATOR (U+2029)"}
+_LINE_BREAKS = re.compile("[\r\x85\u2028\u2029]")
 
 
 def parse_lines(data: bytes, *, name: str, max_chars: int | None = None, allow_empty: bool = False) -> list[str]:
@@ -74,6 +81,12 @@ def _decode_line(raw: bytes, name: str, lineno: int, offset: int, max_chars: int
             f"{name}:{lineno}: invalid UTF-8 at byte {e.start} of the line (file offset {offset + e.start}, "
             f"bytes {bad!r}): {e.reason}"
         ) from None
+    breaks = _LINE_BREAKS.search(line)
+    if breaks:
+        char = breaks.group()
+        what = "a lone carriage return (old Mac line ends?)" if char == "\r" else f"{_NAMES[char]}"
+        raise DataError(f"{name}:{lineno}: {what} at character {breaks.start()} of the line; other tools split "
+                        f"lines there, so parallel files would fall out of step (replace it with a space or \\n)")
     if not allow_empty and not line.strip():
         kind = "empty line" if not line else "whitespace-only line"
         raise DataError(f"{name}:{lineno}: {kind}")

@@ -191,13 +191,17 @@ class SentenceEncoder(nn.Module):
         if self.pooling not in POOLING:
             raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
         self.normalize = normalize
+        self.train(encoder.training)  # wrapping an encoder in eval mode (load_hf_bert's) keeps it there
 
     def forward(self, ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, T) -> embeddings (B, D), unit length when ``normalize``."""
+                mask: torch.Tensor | None = None, return_attention: bool | Iterable[int] = False):
+        """ids (B, T) -> embeddings (B, D), unit length when ``normalize`` [, the encoder's weights]."""
         mask = self.encoder.token_mask(ids, mask)
-        pooled = pool(self.encoder(ids, segment_ids=segment_ids, mask=mask), mask, self.pooling)
-        return F.normalize(pooled, p=2.0, dim=-1) if self.normalize else pooled
+        hidden = self.encoder(ids, segment_ids=segment_ids, mask=mask, return_attention=return_attention)
+        hidden, attention = hidden if return_attention else (hidden, None)
+        pooled = pool(hidden, mask, self.pooling)
+        out = F.normalize(pooled, p=2.0, dim=-1) if self.normalize else pooled
+        return (out, attention) if return_attention else out
 
 
 class SequenceClassifier(nn.Module):
@@ -218,13 +222,16 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(cfg.d_model, n_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.train(encoder.training)
 
     def forward(self, ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, T) -> logits (B, n_classes)."""
+                mask: torch.Tensor | None = None, return_attention: bool | Iterable[int] = False):
+        """ids (B, T) -> logits (B, n_classes) [, the encoder's {layer: {"self": (B, H, T, T)}}]."""
         mask = self.encoder.token_mask(ids, mask)
-        pooled = pool(self.encoder(ids, segment_ids=segment_ids, mask=mask), mask, self.pooling)  # (B, D)
-        return self.head(self.dropout(pooled))
+        hidden = self.encoder(ids, segment_ids=segment_ids, mask=mask, return_attention=return_attention)
+        hidden, attention = hidden if return_attention else (hidden, None)
+        logits = self.head(self.dropout(pool(hidden, mask, self.pooling)))  # (B, n_classes)
+        return (logits, attention) if return_attention else logits
 
 
 @torch.no_grad()

@@ -141,7 +141,20 @@ class Transformer(nn.Module):
         logits = self.output(self.decoder_norm(x))  # (B, T, V)
         return (logits, attention) if return_attention else logits
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V)."""
-        memory, src_mask = self.encode(src)
-        return self.decode(tgt, memory, src_mask)
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *,
+                return_attention: bool | Iterable[int] | dict[str, bool | Iterable[int]] = False):
+        """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V) [, weights].
+
+        return_attention: True, layer indices for both stacks, or {"encoder": ..., "decoder": ...};
+        weights are {"encoder": {layer: {"self"}}, "decoder": {layer: {"self", "cross"}}}.
+        """
+        if not return_attention:
+            memory, src_mask = self.encode(src)
+            return self.decode(tgt, memory, src_mask)
+        per_stack = return_attention if isinstance(return_attention, dict) else {}
+        enc = per_stack.get("encoder", False) if per_stack else return_attention
+        dec = per_stack.get("decoder", False) if per_stack else return_attention
+        memory, src_mask, *enc_weights = self.encode(src, return_attention=enc)  # weights only when asked
+        out = self.decode(tgt, memory, src_mask, return_attention=dec)
+        logits, dec_weights = out if dec else (out, {})
+        return logits, {"encoder": enc_weights[0] if enc_weights else {}, "decoder": dec_weights}

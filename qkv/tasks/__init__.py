@@ -34,7 +34,7 @@ def register(spec: TaskSpec) -> TaskSpec:
 
 
 def _register_builtin() -> None:
-    from qkv.tasks import classification, lm, translation  # noqa: F401
+    from qkv.tasks import classification, lm, rnn_translation, translation, vision  # noqa: F401
 
 
 _register_builtin()

@@ -96,9 +96,10 @@ class LMTask:
         return DecoderOnly(self.cfg.model)
 
     def train_batches(self, epoch: int, *, rank: int, world_size: int) -> RandomBlocks:
-        d = self.cfg.data
+        d = self.cfg.data  # the epoch's batches_per_epoch batches dealt out to the ranks (rounded up)
         return RandomBlocks(self.train_ids, block_size=self.cfg.model.block_size, batch_size=d.batch_size,
-                            n_batches=d.batches_per_epoch, seed=self.cfg.train.seed, epoch=epoch, rank=rank)
+                            n_batches=-(-d.batches_per_epoch // world_size), seed=self.cfg.train.seed, epoch=epoch,
+                            rank=rank, world_size=world_size)
 
     def loss(self, model, batch: dict, *, label_smoothing: float) -> tuple[torch.Tensor, int]:
         logits = model(batch["x"])  # (B, T, V)

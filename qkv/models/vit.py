@@ -1,0 +1,283 @@
+"""Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words", sec. 3.1).
+
+The image x (B, C, H, W) is cut into N = (H/P)(W/P) patches of P x P pixels; each patch is
+flattened to P*P*C values and projected to D by one linear map E (Eq. 1). A learned class token
+x_class is put at position 0, position embeddings E_pos are added, and the sequence goes through
+pre-norm encoder blocks (Eq. 2-3: z' = MSA(LN(z)) + z, z = MLP(LN(z')) + z'); the class token's
+output, after a final LayerNorm, is classified by one linear layer (Eq. 4: y = LN(z_L^0)).
+
+Design decisions (where the paper leaves a choice):
+
+* A patch is flattened channel-first, (C, P, P), so the projection's weight (D, C*P*P) viewed as
+  (D, C, P, P) *is* the kernel of the equivalent strided convolution. ``patch_embed`` picks the
+  computation (``"linear"``: unfold + matmul, the paper's description; ``"conv"``: one
+  ``conv2d`` with stride P, the usual implementation and faster); both share one weight, so a
+  checkpoint works with either, and a test proves they agree.
+* ``pooling="mean"`` (the paper's sec. D.3 alternative, "GAP") drops the class token altogether
+  and classifies the mean of the patch outputs.
+* Positions: ``"learned"`` (the paper's 1-D table over the patch grid, plus one for the class
+  token) or ``"sinusoidal"`` (2-D sin-cos as in MAE: half the features encode the row, half the
+  column, each with sec. 3.5 of Vaswani et al.; the class token's position is zero). When an
+  image of another size comes in, the grid part of either table is resized bicubically to the
+  new grid (the paper's sec. 3.2 "2D interpolation of the pre-trained position embeddings").
+* Only the class token's output is classified, so ``forward`` computes the last layer for that
+  token alone (``class_token_block``; keys and values still come from every token): the same
+  logits and gradients, without the last layer's query, output projection and MLP for the N
+  patches. ``encode`` (every token's output) and attention maps run the full stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkv.attention import scaled_dot_product_attention
+from qkv.blocks import BlockConfig, EncoderBlock, wanted_layers
+from qkv.layers import make_norm
+from qkv.positional import sinusoidal_table
+
+POOLING = ("cls", "mean")
+POSITIONAL = ("learned", "sinusoidal")
+PATCH_EMBED = ("conv", "linear")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Defaults are ViT-B/16 at 224 x 224 (Table 1); n_classes comes from the labels (0 = no head)."""
+
+    image_size: int = 224
+    channels: int = 3
+    patch_size: int = 16
+    d_model: int = 768
+    n_heads: int = 12
+    d_ff: int = 3072
+    n_layers: int = 12
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-6
+    positional: str = "learned"      # "learned" or "sinusoidal" (2-D)
+    pooling: str = "cls"             # "cls" (class token) or "mean" (no class token; mean of the patches)
+    patch_embed: str = "conv"        # "conv" or "linear": two computations of the same projection
+    n_classes: int = 0
+
+    def __post_init__(self):
+        for name, allowed in (("pooling", POOLING), ("positional", POSITIONAL), ("patch_embed", PATCH_EMBED)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("image_size", "channels", "patch_size", "n_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        if self.positional == "sinusoidal" and self.d_model % 4:
+            raise ValueError(f"d_model={self.d_model} must be divisible by 4 for 2-D sinusoidal positions")
+        if self.n_classes < 0:
+            raise ValueError(f"n_classes must be >= 0, got {self.n_classes}")
+        self.block()
+
+    @property
+    def grid(self) -> int:
+        """Patches per side at the training size."""
+        return self.image_size // self.patch_size
+
+    def block(self) -> BlockConfig:
+        return BlockConfig(d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff, dropout=self.dropout,
+                           attn_dropout=self.attn_dropout, activation=self.activation, norm=self.norm,
+                           norm_first=True, norm_eps=self.norm_eps)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C*P*P), patches in row-major order, each flattened channel-first."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, gh, P, gw, P)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, P, P)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C*P*P)
+
+
+class PatchEmbedding(nn.Module):
+    """Eq. 1: x_p^i E for every flattened patch, as a matmul on patches or a strided convolution."""
+
+    def __init__(self, channels: int, patch_size: int, d_model: int, *, kind: str = "conv"):
+        super().__init__()
+        if kind not in PATCH_EMBED:
+            raise ValueError(f"patch_embed must be one of {PATCH_EMBED}, got {kind!r}")
+        self.channels, self.patch_size, self.kind = channels, patch_size, kind
+        self.proj = nn.Linear(channels * patch_size * patch_size, d_model)  # E: (D, C*P*P)
+
+    def forward(self, images: torch.Tensor, *, kind: str | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D); ``kind`` overrides the configured computation."""
+        kind = kind or self.kind
+        if kind == "linear":
+            return self.proj(patchify(images, self.patch_size))  # (B, N, D)
+        D, p = self.proj.out_features, self.patch_size
+        kernel = self.proj.weight.view(D, self.channels, p, p)  # (D, C, P, P)
+        x = F.conv2d(images, kernel, self.proj.bias, stride=p)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+def sincos_2d(grid_h: int, grid_w: int, d_model: int) -> torch.Tensor:
+    """2-D sin-cos positions (MAE): [PE(row) | PE(column)], each of D/2 features. (gh*gw, D)."""
+    rows = sinusoidal_table(grid_h, d_model // 2)  # (gh, D/2)
+    cols = sinusoidal_table(grid_w, d_model // 2)  # (gw, D/2)
+    table = torch.cat([rows[:, None, :].expand(grid_h, grid_w, -1),
+                       cols[None, :, :].expand(grid_h, grid_w, -1)], dim=-1)  # (gh, gw, D)
+    return table.reshape(grid_h * grid_w, d_model)
+
+
+def resize_grid(table: torch.Tensor, grid: int, new_h: int, new_w: int) -> torch.Tensor:
+    """Bicubic 2-D interpolation of a (grid*grid, D) position table to (new_h*new_w, D) (ViT sec. 3.2)."""
+    if (new_h, new_w) == (grid, grid):
+        return table
+    D = table.shape[-1]
+    x = table.reshape(1, grid, grid, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    x = F.interpolate(x.float(), size=(new_h, new_w), mode="bicubic", align_corners=False).to(table.dtype)
+    return x.permute(0, 2, 3, 1).reshape(new_h * new_w, D)  # (gh*gw, D)
+
+
+class ViT(nn.Module):
+    """images (B, C, H, W) -> logits (B, n_classes), or pooled features (B, D) when n_classes is 0."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, n_patches = cfg.d_model, cfg.grid * cfg.grid
+        self.patch_embed = PatchEmbedding(cfg.channels, cfg.patch_size, D, kind=cfg.patch_embed)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pooling == "cls" else None
+        n_special = 1 if self.class_token is not None else 0
+        if cfg.positional == "learned":
+            self.positions = nn.Parameter(torch.zeros(n_special + n_patches, D))  # (1 + N, D)
+        else:
+            table = torch.cat([torch.zeros(n_special, D), sincos_2d(cfg.grid, cfg.grid, D)])
+            self.register_buffer("positions", table, persistent=False)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(EncoderBlock(cfg.block()) for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg.norm, D, eps=cfg.norm_eps)
+        self.head = nn.Linear(D, cfg.n_classes) if cfg.n_classes else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """timm's ViT init: truncated normal (std 0.02) for matrices, tokens and positions; biases 0."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.trunc_normal_(p, std=0.02)
+            elif "norm" in name and name.endswith("weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    @property
+    def n_special(self) -> int:
+        """Tokens before the patches: 1 (class token) or 0 (mean pooling)."""
+        return 1 if self.class_token is not None else 0
+
+    def position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """E_pos for a (grid_h x grid_w) patch grid, interpolated from the training grid. (n_special + N, D)."""
+        k = self.n_special
+        grid = resize_grid(self.positions[k:], self.cfg.grid, grid_h, grid_w)
+        return torch.cat([self.positions[:k], grid])
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Eq. 1: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos. (B, C, H, W) -> (B, n_special + N, D)."""
+        cfg = self.cfg
+        if images.dim() != 4 or images.shape[1] != cfg.channels:
+            raise ValueError(f"images must have shape (B, C={cfg.channels}, H, W), got {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        if H % cfg.patch_size or W % cfg.patch_size:
+            raise ValueError(f"image size {H}x{W} is not divisible by patch_size={cfg.patch_size}")
+        x = self.patch_embed(images)  # (B, N, D)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + N, D)
+        x = x + self.position_table(H // cfg.patch_size, W // cfg.patch_size).to(x.dtype)
+        return self.embed_dropout(x)
+
+    def encode(self, images: torch.Tensor, *, return_attention: bool | Iterable[int] = False):
+        """Eq. 2-3: (B, C, H, W) -> z_L after the final norm (B, n_special + N, D) [, {layer: {"self": (B, H, T, T)}}].
+
+        return_attention: True for every layer's weights, or an iterable of layer indices.
+        """
+        x = self.embed(images)
+        want = wanted_layers(return_attention, len(self.layers))
+        attention = {}
+        for i, layer in enumerate(self.layers):
+            if i in want:
+                x, attention[i] = layer(x, return_weights=True)
+            else:
+                x = layer(x)
+        x = self.final_norm(x)
+        return (x, attention) if return_attention else x
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Eq. 4's LN(z_L^0) (the class token), or the mean of the patch outputs. (B, T, D) -> (B, D)."""
+        return hidden[:, 0] if self.class_token is not None else hidden.mean(dim=1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> pooled (B, D).
+
+        With the class token, only its output is read, so the last layer runs its query, its
+        feed-forward and the final norm for that one token (``class_token_block``); the keys and
+        values still come from every token, so the result is exactly LN(z_L^0) of ``encode``.
+        """
+        if self.class_token is None:
+            return self.pool(self.encode(images))
+        x = self.embed(images)  # (B, 1 + N, D)
+        for layer in self.layers[:-1]:
+            x = layer(x)
+        x = class_token_block(self.layers[-1], x)  # (B, 1, D)
+        return self.final_norm(x[:, 0])  # (B, D)
+
+    def forward(self, images: torch.Tensor, *, return_attention: bool | Iterable[int] = False):
+        """(B, C, H, W) -> logits (B, n_classes) (features (B, D) without a head) [, attention]."""
+        attention = None
+        if return_attention:
+            hidden, attention = self.encode(images, return_attention=return_attention)
+            out = self.pool(hidden)  # (B, D)
+        else:
+            out = self.features(images)  # (B, D)
+        if self.head is not None:
+            out = self.head(out)  # (B, n_classes)
+        return (out, attention) if return_attention else out
+
+
+def class_token_block(block: EncoderBlock, x: torch.Tensor) -> torch.Tensor:
+    """A pre-norm EncoderBlock computed for the class token's output only. x (B, T, D) -> (B, 1, D).
+
+    Eq. 2-3 for position 0: z'_0 = MSA(LN(z))_0 + z_0, then z_0 + MLP(LN(z'_0)). Keys and values
+    need every token; the query, the output projection and the MLP only the class token, which
+    skips most of the last layer's work when the other outputs would be thrown away.
+    """
+    attn = block.self_attn
+    D, H, Dh = attn.d_model, attn.n_heads, attn.head_dim
+    if attn.n_kv_heads != H or attn.rope is not None or attn.alibi is not None or not block.attn_residual.norm_first:
+        raise ValueError("class_token_block needs a pre-norm block with plain multi-head self-attention")
+    B, T, _ = x.shape
+    h = block.attn_residual.norm(x)  # (B, T, D)
+    weight, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+    kv = F.linear(h, weight[D:], bias[D:] if bias is not None else None)  # (B, T, 2D)
+    k, v = kv.view(B, T, 2, H, Dh).permute(2, 0, 3, 1, 4)  # (2, B, H, T, Dh) -> k, v (B, H, T, Dh)
+
+    def attend(h0: torch.Tensor) -> torch.Tensor:  # h0 = LN(z_0), (B, 1, D)
+        q = F.linear(h0, weight[:D], bias[:D] if bias is not None else None)  # (B, 1, D)
+        q = q.view(B, 1, H, Dh).transpose(1, 2)  # (B, H, 1, Dh)
+        out = scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0)
+        return attn.out_proj(out.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
+
+    x0 = block.attn_residual(x[:, :1], attend)  # (B, 1, D)
+    return block.ff_residual(x0, block.ff)
+
+
+class ImageEmbedder(nn.Module):
+    """Unit-length image embeddings from a ViT's pooled output, for metric learning. -> (B, D)."""
+
+    def __init__(self, vit: ViT):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vit.features(images), p=2.0, dim=-1)

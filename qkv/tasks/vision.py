@@ -1,0 +1,394 @@
+"""Image classification and image embeddings on the Vision Transformer (qkv.models.vit).
+
+Two tasks read the same labelled images (qkv.data.images):
+
+* ``image_classification``: ``ViT`` with a linear head on the class token (or the patch mean),
+  cross-entropy with label smoothing; evaluation: loss, accuracy, macro-F1, and the confusion
+  matrix written to ``confusion.json``.
+* ``image_embedding``: ``ImageEmbedder`` (the ViT's pooled output, unit length) trained with a
+  loss of qkv.losses (batch-hard / batch-all triplets or supervised contrastive), as the text
+  ``embedding`` task does; evaluation: leave-one-out nearest-neighbour accuracy and separation.
+
+The run directory records everything inference needs (no hyperparameter restated):
+``split.json`` (the source, the seed, the fractions and the train/valid/test indices),
+``images.json`` (class names, the per-channel mean/std of the training images, image size and
+channels) and, with ``data.svm_baseline``, ``baseline.json``: an RBF-kernel SVM (scikit-learn)
+fitted on the same training images, C chosen on the validation images, scored on the same test
+images, so the two are compared on one split in one run.
+
+Training evaluates on the validation split; the test split is only read by ``qkv evaluate``.
+Augmentation (a random affine shift/rotation/zoom, qkv.data.images.augment) is drawn afresh each
+epoch from a generator seeded by (train.seed, epoch), so a resumed run sees the same images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qkv import losses
+from qkv.config import write_json
+from qkv.data.classification import class_balanced_batches, sentence_batches
+from qkv.data.images import (
+    ImageSet,
+    augment,
+    channel_stats,
+    fit_images,
+    load_images,
+    normalize,
+    read_image,
+    split_indices,
+)
+from qkv.errors import CheckpointError, ConfigError, DataError
+from qkv.metrics import confusion_matrix, confusion_scores, nn_accuracy, separation
+from qkv.models.vit import ImageEmbedder, ViT, ViTConfig
+from qkv.tasks import TaskSpec, register
+from qkv.tasks.classification import LOSSES, embedding_loss, write_confusion
+
+log = logging.getLogger(__name__)
+
+SPLIT, IMAGES, CONFUSION, BASELINE = "split.json", "images.json", "confusion.json", "baseline.json"
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Where the images come from, how they are split, batched and augmented."""
+
+    source: str = "digits"           # "digits", "mnist5k", an .npz (x, y) or a folder of class subfolders
+    resize: bool = True              # resize / convert images of another size or channel count (else an error)
+    valid_fraction: float = 0.1      # per class, stratified
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    shift: float = 0.0               # augmentation: random shift of up to this many pixels
+    rotate: float = 0.0              # ... rotation of up to this many degrees
+    scale: float = 0.0               # ... zoom by a factor in [1 - scale, 1 + scale]
+    svm_baseline: bool = False       # fit an RBF SVM on the same split and write baseline.json
+
+    def __post_init__(self):
+        if not (0.0 <= self.valid_fraction < 1.0 and 0.0 <= self.test_fraction < 1.0
+                and self.valid_fraction + self.test_fraction < 1.0):
+            raise ValueError(f"valid_fraction={self.valid_fraction} and test_fraction={self.test_fraction} must be "
+                             "in [0, 1) and leave images for training")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("shift", "rotate", "scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.scale >= 1:
+            raise ValueError(f"scale must be < 1, got {self.scale}")
+
+
+@dataclass(frozen=True)
+class ImageEmbeddingData(ImageData):
+    """The images, plus the metric-learning objective (as the text ``embedding`` task's)."""
+
+    loss: str = "batch_hard"
+    margin: float = 0.3
+    distance: str = "cosine"
+    temperature: float = 0.1
+    samples_per_class: int = 8       # K >= 2: "PK" batches (Hermans et al.); 0 = shuffled
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.distance not in losses.DISTANCES:
+            raise ValueError(f"distance must be one of {losses.DISTANCES}, got {self.distance!r}")
+        if self.margin < 0 or self.temperature <= 0:
+            raise ValueError(f"margin must be >= 0 and temperature > 0, got {self.margin}, {self.temperature}")
+        if self.samples_per_class == 1 or self.samples_per_class < 0:
+            raise ValueError(f"samples_per_class must be 0 (off) or >= 2, got {self.samples_per_class}")
+
+
+@dataclass(frozen=True)
+class ImageDecode:
+    """Defaults for ``qkv classify --image`` / ``qkv attention``."""
+
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class ImageArtifacts:
+    """What inference needs besides the model: class names and the training images' mean/std."""
+
+    label_names: list[str]
+    mean: list[float]
+    std: list[float]
+
+    def save(self, path: Path) -> None:
+        write_json(path, {"label_names": self.label_names, "mean": self.mean, "std": self.std})
+
+    @classmethod
+    def load(cls, path: Path) -> ImageArtifacts:
+        import json
+
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(list(data["label_names"]), list(data["mean"]), list(data["std"]))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing (an image run keeps its class names and mean/std here)") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: not a valid images.json ({err})") from None
+
+
+def load_artifacts(cfg, run_dir: str | Path) -> ImageArtifacts:
+    return ImageArtifacts.load(Path(run_dir) / IMAGES)
+
+
+def build_model(cfg) -> ViT | ImageEmbedder:
+    """A classifier for 'image_classification', a unit-length embedder (no head) for 'image_embedding'."""
+    if cfg.task == "image_embedding":
+        return ImageEmbedder(ViT(replace(cfg.model, n_classes=0)))
+    return ViT(cfg.model)
+
+
+def vit_of(model) -> ViT:
+    """The ViT inside a run's model."""
+    return model.vit if isinstance(model, ImageEmbedder) else model
+
+
+def read_split(run_dir: Path) -> dict:
+    import json
+
+    path = Path(run_dir) / SPLIT
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (an image run records its train/valid/test split here)") from None
+
+
+def load_split_images(cfg, split: dict) -> dict[str, ImageSet]:
+    """The run's source, cut by a recorded split; an error when the source changed size since."""
+    m = cfg.model
+    images = load_images(split["source"], size=m.image_size, channels=m.channels, resize=cfg.data.resize)
+    total = sum(len(split[k]) for k in ("train", "valid", "test"))
+    if total != len(images):
+        raise DataError(f"{split['source']}: has {len(images)} images, but the run's split.json was made "
+                        f"from {total}; the data changed since training")
+    return {k: images.subset(split[k]) for k in ("train", "valid", "test")}
+
+
+# -- data for a run -----------------------------------------------------------------------------------
+class ImageRunData:
+    """Reads the source, splits it (or on resume reads split.json), and fixes the normalisation."""
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool):
+        d, m, run_dir = cfg.data, cfg.model, Path(run_dir)
+        if resume:
+            split, artifacts = read_split(run_dir), load_artifacts(cfg, run_dir)
+            parts = load_split_images(cfg, split)
+        else:
+            images = load_images(d.source, size=m.image_size, channels=m.channels, resize=d.resize)
+            split = {"source": d.source, "seed": d.split_seed, "valid_fraction": d.valid_fraction,
+                     "test_fraction": d.test_fraction,
+                     **split_indices(images.labels.numpy(), valid=d.valid_fraction, test=d.test_fraction,
+                                     seed=d.split_seed)}
+            parts = {k: images.subset(split[k]) for k in ("train", "valid", "test")}
+            artifacts = ImageArtifacts(images.label_names, *channel_stats(parts["train"].images))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / SPLIT, split)
+            artifacts.save(run_dir / IMAGES)
+            if d.svm_baseline:
+                write_json(run_dir / BASELINE, svm_baseline(parts))
+        if not len(parts["valid"]):
+            raise ConfigError(f"data.valid_fraction={d.valid_fraction}: no validation images to evaluate on")
+        self.train, self.valid, self.test = parts["train"], parts["valid"], parts["test"]
+        self.artifacts = artifacts
+        n_classes = len(artifacts.label_names) if cfg.task == "image_classification" else 0
+        if m.n_classes not in (0, n_classes):
+            raise ConfigError(f"model.n_classes={m.n_classes}, but the data has {n_classes} classes "
+                              "(leave it out: it comes from the labels)")
+        self.cfg = replace(cfg, model=replace(m, n_classes=n_classes))
+        log.info("%s: %d train, %d valid, %d test images of %s", d.source, len(self.train), len(self.valid),
+                 len(self.test), "x".join(map(str, self.train.images.shape[1:])))
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.artifacts.mean, self.artifacts.std)
+
+    def train_batches(self, epoch: int, *, rank: int, world_size: int, per_class: int = 0) -> list[dict]:
+        d, seed = self.cfg.data, self.cfg.train.seed
+        labels = self.train.labels
+        if per_class:
+            index = class_balanced_batches(labels.tolist(), d.batch_size, per_class, seed=seed, epoch=epoch,
+                                           rank=rank, world_size=world_size)
+        else:
+            index = sentence_batches(len(labels), d.batch_size, seed=seed, epoch=epoch, rank=rank,
+                                     world_size=world_size)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        images = augment(self.train.images, generator=generator, shift=d.shift, rotate=d.rotate, scale=d.scale)
+        images = self.prepare(images)
+        return [{"images": images[torch.as_tensor(idx)], "labels": labels[torch.as_tensor(idx)]} for idx in index]
+
+
+def svm_baseline(parts: dict[str, ImageSet]) -> dict:
+    """An RBF SVM on raw pixels in [0, 1]: C in {1, 10, 100} chosen on valid, scored on test."""
+    from sklearn.svm import SVC
+
+    def flat(part):
+        return part.images.flatten(1).numpy(), part.labels.numpy()
+
+    (x, y), (xv, yv), (xt, yt) = flat(parts["train"]), flat(parts["valid"]), flat(parts["test"])
+    start = time.perf_counter()
+    scores = {C: SVC(kernel="rbf", C=C, gamma="scale").fit(x, y).score(xv, yv) for C in (1.0, 10.0, 100.0)}
+    best = max(scores, key=scores.get)
+    svm = SVC(kernel="rbf", C=best, gamma="scale").fit(x, y)
+    test = float(svm.score(xt, yt)) if len(yt) else float("nan")
+    return {"model": f"sklearn SVC(kernel='rbf', gamma='scale', C={best:g}) on raw pixels",
+            "valid_accuracy_by_C": {str(k): float(v) for k, v in scores.items()}, "C": best,
+            "valid_accuracy": float(scores[best]), "test_accuracy": test, "train_images": len(y),
+            "test_images": len(yt), "seconds": round(time.perf_counter() - start, 2)}
+
+
+# -- the two tasks ------------------------------------------------------------------------------------
+class ImageClassificationTask:
+    primary_metric = ("accuracy", "max")
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
+        self.data, self.run_dir = ImageRunData(cfg, run_dir, resume=resume), Path(run_dir)
+        self.cfg = self.data.cfg
+
+    def build_model(self) -> ViT:
+        return build_model(self.cfg)
+
+    def train_batches(self, epoch: int, *, rank: int, world_size: int) -> list[dict]:
+        return self.data.train_batches(epoch, rank=rank, world_size=world_size)
+
+    def loss(self, model, batch: dict, *, label_smoothing: float) -> tuple[torch.Tensor, int]:
+        logits = model(batch["images"])  # (B, C)
+        return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=label_smoothing), len(logits)
+
+    def evaluate(self, model) -> dict[str, float]:
+        d = self.data
+        return score_classifier(model, d.prepare(d.valid.images), d.valid.labels, d.artifacts.label_names,
+                                batch_size=self.cfg.data.eval_batch_size, confusion_path=self.run_dir / CONFUSION)
+
+
+class ImageEmbeddingTask:
+    primary_metric = ("nn_accuracy", "max")
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
+        self.data = ImageRunData(cfg, run_dir, resume=resume)
+        self.cfg = self.data.cfg
+        if len(self.data.valid) < 2:
+            raise ConfigError("the image_embedding task needs at least 2 validation images")
+
+    def build_model(self) -> ImageEmbedder:
+        return build_model(self.cfg)
+
+    def train_batches(self, epoch: int, *, rank: int, world_size: int) -> list[dict]:
+        return self.data.train_batches(epoch, rank=rank, world_size=world_size,
+                                       per_class=self.cfg.data.samples_per_class)
+
+    def loss(self, model, batch: dict, *, label_smoothing: float) -> tuple[torch.Tensor, int]:
+        embeddings = model(batch["images"])  # (B, D)
+        return embedding_loss(embeddings, batch["labels"], self.cfg.data), len(embeddings)
+
+    def evaluate(self, model) -> dict[str, float]:
+        d = self.data
+        return score_embedder(model, d.prepare(d.valid.images), d.valid.labels, self.cfg)
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+def forward_all(model, images: torch.Tensor, *, batch_size: int) -> torch.Tensor:
+    """The model's outputs (N, ...) for normalised images (N, C, H, W), in batches, on the model's device."""
+    device = next(model.parameters()).device
+    return torch.cat([model(chunk.to(device)).float() for chunk in images.split(batch_size)])
+
+
+def score_classifier(model, images, labels, label_names, *, batch_size: int, confusion_path=None) -> dict:
+    """Loss, accuracy, macro-F1; the confusion matrix (rows gold, columns predicted) to ``confusion_path``."""
+    logits = forward_all(model, images, batch_size=batch_size)  # (N, C)
+    gold = labels.to(logits.device)
+    confusion = confusion_matrix(gold, logits.argmax(1), len(label_names)).cpu()
+    if confusion_path is not None:
+        write_confusion(confusion_path, confusion, label_names)
+    return {"loss": float(F.cross_entropy(logits, gold)), **confusion_scores(confusion)}
+
+
+def read_confusion(path: Path) -> list[list[int]]:
+    import json
+
+    return json.loads(Path(path).read_text(encoding="utf-8"))["matrix"]
+
+
+def score_embedder(model, images, labels, cfg) -> dict:
+    """Leave-one-out nearest-neighbour accuracy and separation (ROC AUC of same- vs different-class cosine)."""
+    embeddings = forward_all(model, images, batch_size=cfg.data.eval_batch_size)  # (N, D)
+    gold = labels.to(embeddings.device)
+    metrics = {"nn_accuracy": nn_accuracy(embeddings, gold)}
+    auc = separation(embeddings, gold)
+    if np.isfinite(auc):
+        metrics["separation"] = auc
+    return metrics
+
+
+# -- library functions for the CLI --------------------------------------------------------------------
+def read_images_for(cfg, artifacts: ImageArtifacts, paths: list[str]) -> torch.Tensor:
+    """Image files -> normalised (N, C, H, W) at the run's size (resized, or rejected per data.resize)."""
+    m = cfg.model
+    arrays = [read_image(p, size=m.image_size, channels=m.channels, resize=cfg.data.resize) for p in paths]
+    if not arrays:
+        return torch.zeros(0, m.channels, m.image_size, m.image_size)
+    images = fit_images(np.stack(arrays), size=m.image_size, channels=m.channels, resize=False, name=paths[0])
+    return normalize(images, artifacts.mean, artifacts.std)
+
+
+def classify_images(cfg, model, artifacts: ImageArtifacts, paths: list[str]) -> list[tuple[str, float]]:
+    """(label, probability) of the most probable class of each image file, in order."""
+    if cfg.task != "image_classification":
+        raise CheckpointError(f"classify --image needs an 'image_classification' run, got {cfg.task!r}")
+    images = read_images_for(cfg, artifacts, paths)
+    if not len(images):
+        return []
+    with torch.no_grad():
+        probs = forward_all(model.eval(), images, batch_size=cfg.decode.batch_size).softmax(-1)
+    best_p, best = probs.max(-1)
+    return [(artifacts.label_names[int(c)], float(p)) for c, p in zip(best, best_p)]
+
+
+def evaluate_run(cfg, model, artifacts: ImageArtifacts, run_dir: str | Path, *, data: str | None = None) -> dict:
+    """Metrics on the run's recorded test split (or on ``data``: an .npz or a class folder with the run's labels).
+
+    A classification run also writes the confusion matrix to run_dir/confusion.json.
+    """
+    run_dir = Path(run_dir)
+    if data is None:
+        split = read_split(run_dir)
+        part, where = load_split_images(cfg, split)["test"], f"{split['source']} (test split of {run_dir / SPLIT})"
+        if not len(part):
+            raise ConfigError(f"{run_dir / SPLIT}: the test split is empty; pass --data FILE")
+    else:
+        m = cfg.model
+        part = load_images(data, size=m.image_size, channels=m.channels, resize=cfg.data.resize)
+        where = data
+        unknown = sorted(set(part.label_names) - set(artifacts.label_names))
+        if unknown:
+            raise DataError(f"{data}: label {unknown[0]!r} is not one of the run's classes {artifacts.label_names}")
+        remap = torch.tensor([artifacts.label_names.index(n) for n in part.label_names])
+        part = ImageSet(part.images, remap[part.labels], artifacts.label_names, data)
+    images = normalize(part.images, artifacts.mean, artifacts.std)
+    with torch.no_grad():
+        model.eval()
+        if cfg.task == "image_classification":
+            metrics = score_classifier(model, images, part.labels, artifacts.label_names,
+                                       batch_size=cfg.data.eval_batch_size, confusion_path=run_dir / CONFUSION)
+            metrics["labels"] = artifacts.label_names
+            metrics["confusion"] = read_confusion(run_dir / CONFUSION)
+        else:
+            metrics = score_embedder(model, images, part.labels, cfg)
+    return {"data": where, "examples": len(part), **metrics}
+
+
+for _name, _data, _make in (("image_classification", ImageData, ImageClassificationTask),
+                            ("image_embedding", ImageEmbeddingData, ImageEmbeddingTask)):
+    register(TaskSpec(name=_name, data_config=_data, model_config=ViTConfig, decode_config=ImageDecode,
+                      make_task=_make, build_model=build_model, load_artifacts=load_artifacts))
