@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick lint docs venv clean
+.PHONY: demo test test-distributed bench bench-quick lint docs venv clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,11 @@ demo: $(STAMP)
 	$(VENV)/bin/qkv demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not distributed"
+
+# torchrun with 2 CPU processes (gloo): equality with one process, checkpoints, a lost worker (~3 min)
+test-distributed: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_distributed.py -m distributed
 
 bench: $(STAMP)
 	@for f in benchmarks/[a-z]*.py; do echo "# $$f" >&2; $(PY) $$f || exit 1; done

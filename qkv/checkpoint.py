@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +145,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict[str,
         atomic_write_bytes(tmp / META, json.dumps({"step": step, **meta}, indent=2).encode())
         final = root / name
         if final.exists():  # re-saving a step (after a resume): move the old one aside first
-            shutil.rmtree(final)
+            _remove(final)
         os.rename(tmp, final)
         fsync_dir(root)
     except OSError as err:  # a full disk, a folder turned read-only: say what is still safe
@@ -169,7 +172,16 @@ def _rotate(root: Path, *, keep: int, protect: set[str]) -> None:
     steps = list_checkpoints(root.parent)
     for old in steps[:-keep] if keep > 0 else []:
         if old.name not in protect:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Rename, then delete: a kill half-way through leaves a hidden folder (cleaned up on resume),
+    never a step_N folder with some of its files gone."""
+    trash = checkpoint.with_name(f".trash-{checkpoint.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -205,10 +217,17 @@ def load_train_state(checkpoint: Path) -> dict[str, Any]:
     """The optimizer/scheduler/RNG/data position saved with a checkpoint (weights_only=True)."""
     path = Path(checkpoint) / STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: training state not found") from None
-    except Exception as err:  # a corrupt or malicious pickle must not crash or execute
+    except pickle.UnpicklingError as err:  # weights_only refuses code and unknown classes: nothing ran
+        found = re.search(r"Unsupported (?:global|operand)[^.\n]*", str(err))
+        detail = f" ({found.group().strip()})" if found else ""
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain data; nothing in "
+                              f"it was run{detail}") from None
+    except Exception as err:  # a corrupt file must not crash
         raise CheckpointError(f"{path}: not a readable training state ({type(err).__name__}: {err})") from None
 
 

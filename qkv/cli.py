@@ -307,10 +307,15 @@ def _cmd_study(args: argparse.Namespace) -> None:
     seed_everything(0)
     command = " ".join(["qkv study", *sys.argv[2:]]) if sys.argv[1:2] == ["study"] else f"qkv study {args.name}"
     if args.name == "rnn-vs-attention":
+        import dataclasses
+
         from qkv.studies import rnn_vs_attention as study
 
-        report = study.run_study(args.out, args.work, settings=study.settings_for(args.quick), data_dir=args.data,
-                                 extra_runs=tuple(args.run), command=command)
+        settings = study.settings_for(args.quick)
+        if args.multi30k_steps is not None:
+            settings = dataclasses.replace(settings, multi30k_steps=args.multi30k_steps)
+        report = study.run_study(args.out, args.work, settings=settings, data_dir=args.data,
+                                 extra_runs=tuple(args.run), command=command, parts=tuple(args.part or study.PARTS))
     else:
         from qkv.studies import attention_variants as study
 
@@ -419,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rnn-vs-attention: Multi30k folder (`qkv data multi30k`); the section is skipped without it")
     p.add_argument("--run", action="append", default=[], metavar="RUN_DIR",
                    help="rnn-vs-attention: also score this trained translation run by length (repeatable)")
+    p.add_argument("--multi30k-steps", type=int, metavar="N",
+                   help="rnn-vs-attention: train each Multi30k preset N steps (0 = only score the --run dirs)")
+    p.add_argument("--part", action="append", choices=["gradients", "synthetic", "speed", "multi30k"],
+                   help="rnn-vs-attention: run only this part (repeatable); the report keeps the others' last results")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=_cmd_study)
 

@@ -89,7 +89,7 @@ def launch(device: torch.device, environ: Mapping[str, str] = os.environ) -> Ite
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.world_size,
+    dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, store=_store(world, environ),
                             device_id=device if device.type == "cuda" else None)
     if not world.is_main:
         logging.getLogger("qkv").setLevel(logging.WARNING)
@@ -98,6 +98,24 @@ def launch(device: torch.device, environ: Mapping[str, str] = os.environ) -> Ite
         yield world, device
     finally:
         dist.destroy_process_group()
+
+
+def _store(world: World, environ: Mapping[str, str]) -> dist.Store | None:
+    """The rendezvous store, with a prefix per restart when it is torchrun's agent store.
+
+    torchrun shares its agent's TCPStore with the workers and restarts them without clearing it,
+    so a restarted gloo/NCCL group could read the dead workers' addresses and fail with
+    "connectFullMesh failed ... Connection refused" (pytorch/pytorch#135712). None: env:// as usual.
+    """
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), world.world_size, is_master=False)
+    return dist.PrefixStore(f"qkv/attempt_{restart_count(environ)}", store)
+
+
+def world_size() -> int:
+    """Processes in the job's group (1 without one)."""
+    return dist.get_world_size() if is_active() else 1
 
 
 def barrier() -> None:
@@ -136,7 +154,7 @@ def wrap(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     broadcast_module(model)  # same start on every rank whatever each one's generator did
-    for unit in shard_units(model):
+    for unit in reversed(shard_units(model)):  # bottom-up, as FSDP2 wants for nested units
         fully_shard(unit)
     fully_shard(model)
     return model
@@ -228,13 +246,8 @@ def load_full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    params = dict(model.named_parameters(remove_duplicate=False))
-    full = dict(tensors)
-    for alias in set(params) - set(full):  # tied weights: the second name reads the first one's tensor
-        twin = next((name for name in tensors if params.get(name) is params[alias]), None)
-        if twin is not None:
-            full[alias] = tensors[twin]
-    set_model_state_dict(model, full, options=_options(strict=False))
+    # tied weights: the checkpoint holds only the first name, which is all set_model_state_dict needs
+    set_model_state_dict(model, dict(tensors), options=_options(strict=False))
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -3,12 +3,13 @@
     MFU = model FLOPs per token x tokens per second / (peak FLOP/s x devices)
 
 *Model FLOPs per token* are counted, not derived from a family's formula, so every family gets
-the figure: one forward pass over a real training batch runs under ``FlopCounterMode`` (matmuls,
-convolutions, SDPA), and training costs three forward passes (the backward pass is two:
-gradients of the activations and of the weights; Kaplan et al. 2020's 6N = 2N + 4N). For a GPT
-this is nanoGPT's ``estimate_mfu`` (6N + 12 L H Q T per token) up to the embedding lookup.
-A "token" is what the task's loss counts (target tokens, or examples for classification), the
-same unit as ``tokens_per_s`` in the log; padding FLOPs count as spent, so padded batches lower MFU.
+the figure: one forward pass over a real training batch runs under a counter with PyTorch's
+FLOP formulas (torch.utils.flop_counter: matmuls, convolutions, SDPA), and training costs three
+forward passes (the backward pass is two: gradients of the activations and of the weights;
+Kaplan et al. 2020's 6N = 2N + 4N). For a GPT this is nanoGPT's ``estimate_mfu``
+(6N + 12 L H Q T per token) up to the embedding lookup. A "token" is what the task's loss counts
+(target tokens, or examples for classification), the same unit as ``tokens_per_s`` in the log;
+padding FLOPs count as spent, so padded batches lower MFU.
 
 *Peak FLOP/s* per device: ``train.peak_tflops``, else ``$QKV_PEAK_TFLOPS``, else on CUDA the
 measured throughput of a large matmul in the training precision (which is below the data
@@ -19,22 +20,52 @@ On CPU without a configured peak there is no MFU figure.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 log = logging.getLogger(__name__)
 
 
+class _CountFlops(TorchDispatchMode):
+    """Adds up the FLOPs of every op PyTorch's flop counter has a formula for (matmuls, convs, SDPA).
+
+    FlopCounterMode itself also tracks modules, which fails under no_grad; this counts only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        elif func._overloadpacket is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            self.total += sdpa_flops(args[0].shape, args[1].shape, args[2].shape)
+        return out
+
+
+def sdpa_flops(q: torch.Size, k: torch.Size, v: torch.Size) -> int:
+    """Q K^T and (weights) V: 2 B H T S Dh + 2 B H T S Dv, as torch.utils.flop_counter counts the GPU kernels
+    (full T x S, causal or not). q (B, H, T, Dh), k (B, H, S, Dh), v (B, H, S, Dv)."""
+    *batch, t, d_head = q
+    s, d_value = k[-2], v[-1]
+    n = math.prod(batch)
+    return 2 * n * t * s * d_head + 2 * n * t * s * d_value
+
+
 def forward_flops(run: Callable[[], object]) -> int:
     """FLOPs that ``run()`` performs (no gradients are recorded)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _CountFlops() as counter:
         run()
-    return int(counter.get_total_flops())
+    return counter.total
 
 
 def training_flops_per_token(forward: int, tokens: int) -> float:

@@ -190,7 +190,7 @@ class Trainer:
             total_tokens += int(n_tokens)
         # the global batch's loss: the mean over ranks (NaN on one rank is NaN on all, so all skip alike)
         summed_loss, total_tokens = distributed.all_reduce_sum([float(total_loss), total_tokens], self.device)
-        value, total_tokens = summed_loss / self.world_size, int(total_tokens)
+        value, total_tokens = summed_loss / distributed.world_size(), int(total_tokens)
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             return value, total_tokens, lr
@@ -236,16 +236,17 @@ class Trainer:
                           "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), "epoch": self.state.epoch}
                 if self._flops_per_token is not None:
                     record["mfu"] = round(mfu.mfu(self._flops_per_token, window_tokens / max(elapsed, 1e-9),
-                                                  self._peak, self.world_size), 4)
+                                                  self._peak, distributed.world_size()), 4)
                 self._log(record)
                 bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_tokens, window_start = 0, time.perf_counter()
-            stop = False
+            stop, paused = False, time.perf_counter()
             if step % self.cfg.eval_every == 0 or step == self.cfg.max_steps:
                 metrics = self._evaluate()
                 stop = distributed.broadcast_flag(self._early_stop(metrics), self.device)
             if step % self.cfg.save_every == 0 or step == self.cfg.max_steps or stop:
                 self.save()
+            window_start += time.perf_counter() - paused  # tokens/s and MFU count training time only
             if stop:
                 log.info("early stopping at step %d: no improvement in %d evaluations", step, self.cfg.patience)
                 break
@@ -272,7 +273,7 @@ class Trainer:
         flops = mfu.forward_flops(forward)
         self.model.train(was_training)
         self._flops_per_token = mfu.training_flops_per_token(flops, int(counted["tokens"]))
-        log.info("MFU: %.3g model FLOPs per token, peak %.1f TFLOP/s per device", self._flops_per_token,
+        log.info("MFU: %.3g model FLOPs per token, peak %.3g TFLOP/s per device", self._flops_per_token,
                  self._peak / 1e12)
 
     def _evaluate(self) -> dict[str, float]:
@@ -348,6 +349,7 @@ class Trainer:
         last = ckpt.latest_checkpoint(self.run_dir)
         if last is None:  # stopped (or restarted by torchrun) before the first checkpoint: nothing is lost
             log.warning("%s: no complete checkpoint to resume from; training from step 0", self.run_dir)
+            self._truncate_metrics(0)
             return
         self._load_weights(last / ckpt.WEIGHTS)
         state = ckpt.load_train_state(last)
@@ -363,9 +365,10 @@ class Trainer:
                 log.warning("%s: %d batches of the epoch done by %d processes cannot be split evenly among %d; "
                             "skipping to the next whole step", last, consumed, saved_world, self.world_size)
         ranks = state.get("rng_ranks") or [state["rng"]]
-        if len(ranks) != self.world_size and self.world_size > 1:
-            log.warning("%s was saved by %d processes, resumed by %d: the data order is kept per epoch but dropout "
-                        "draws differ from an uninterrupted run", last, len(ranks), self.world_size)
+        if len(ranks) != self.world_size:
+            log.warning("%s was saved by %d processes, resumed by %d: the global batch (batch x processes x "
+                        "train.accumulate) changes unless accumulate does, and dropout draws differ from an "
+                        "uninterrupted run", last, len(ranks), self.world_size)
         ckpt.set_rng_state(ranks[self.rank] if len(ranks) == self.world_size else state["rng"])
         self._truncate_metrics(self.state.step)
         log.info("resumed from %s (step %d)", last, self.state.step)

@@ -23,6 +23,14 @@ def test_rnn_vs_attention_writes_its_report(tmp_path):
         assert heading in text
     for png in ("vanishing", "grad-norms", "synthetic", "speed"):
         assert (tmp_path / f"rnn-vs-attention-{png}.png").stat().st_size > 1000
+    # one part rerun: the report keeps the other parts' last results
+    (tmp_path / "rnn-vs-attention-synthetic.png").unlink()
+    again = rnn_vs_attention.run_study(tmp_path, tmp_path / "work", settings=s, data_dir=None, command="again",
+                                       parts=("gradients",)).read_text()
+    assert "3. A long-range task" in again and "`again`" in again and "`test`" in again
+    assert not (tmp_path / "rnn-vs-attention-synthetic.png").exists()
+    with pytest.raises(ValueError, match="unknown part 'bleu'"):
+        rnn_vs_attention.run_study(tmp_path, tmp_path / "work", settings=s, data_dir=None, parts=("bleu",))
 
 
 def test_multi30k_section_trains_presets_and_scores_buckets(tmp_path):

@@ -179,6 +179,8 @@ class ViT(nn.Module):
 
     def position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """E_pos for a (grid_h x grid_w) patch grid, interpolated from the training grid. (n_special + N, D)."""
+        if (grid_h, grid_w) == (self.cfg.grid, self.cfg.grid):
+            return self.positions
         k = self.n_special
         grid = resize_grid(self.positions[k:], self.cfg.grid, grid_h, grid_w)
         return torch.cat([self.positions[:k], grid])

@@ -37,17 +37,17 @@ VARIANTS = ("additive", "general", "dot", "scaled_dot")
 @dataclass(frozen=True)
 class Settings:
     name: str = "full"
-    task: synthetic.SyntheticTask = synthetic.SyntheticTask("reverse", 20, 10, 60)
-    eval_lengths: tuple[int, ...] = (10, 20, 40, 60)
-    eval_n: int = 50
-    steps: int = 600
+    task: synthetic.SyntheticTask = synthetic.SyntheticTask("reverse", 20, 10, 40)
+    eval_lengths: tuple[int, ...] = (10, 20, 30, 40)
+    eval_n: int = 40
+    steps: int = 400
     batch_size: int = 32
     lr: float = 3e-3
-    d_embed: int = 128
-    widths: tuple[int, ...] = (128, 512)         # d_hidden = d_k of the score; dot variants run at every width
+    d_embed: int = 64
+    widths: tuple[int, ...] = (64, 256)         # d_hidden = d_k of the score; dot variants run at every width
     d_ks: tuple[int, ...] = (4, 16, 64, 256, 1024, 4096)
     lengths: tuple[int, ...] = (32, 64, 128, 256)  # key lengths S for the score-function speed and memory
-    repeats: int = 5
+    repeats: int = 3
 
     @classmethod
     def quick(cls) -> Settings:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qkv.blocks import BlockConfig, DecoderBlock
+from qkv.fileio import atomic_write_text
 from qkv.models.rnn_seq2seq import CELLS
 from qkv.positional import SinusoidalPositionalEncoding
 from qkv.studies import synthetic
@@ -47,12 +48,12 @@ class Settings:
     speed_repeats: int = 2
     task: synthetic.SyntheticTask = synthetic.SyntheticTask("reverse", 20, 10, 200)
     eval_lengths: tuple[int, ...] = (10, 25, 50, 100, 150, 200)
-    eval_n: int = 40
-    steps: int = 400
-    batch_size: int = 24
+    eval_n: int = 30
+    steps: int = 300
+    batch_size: int = 16
     lr: float = 3e-3
-    size: dict = field(default_factory=lambda: dict(d_model=128, n_heads=4, d_ff=384, n_layers=2, d_embed=128,
-                                                     d_hidden=256))
+    size: dict = field(default_factory=lambda: dict(d_model=64, n_heads=4, d_ff=192, n_layers=2, d_embed=64,
+                                                     d_hidden=128))
     models: tuple[str, ...] = ("gru-none", "lstm-general", "gru-general", "transformer")
     # Multi30k: preset configs trained for multi30k_steps each (0 = none trained), then decoded greedily
     multi30k: tuple[str, ...] = ("multi30k-rnn-gru-none", "multi30k-rnn-gru-additive", "multi30k-de-en")
@@ -206,31 +207,49 @@ def _trained_steps(run_dir: Path) -> int | None:
 
 
 # -- the study ------------------------------------------------------------------------------------
+PARTS = ("gradients", "synthetic", "speed", "multi30k")
+
+
 def run_study(out_dir: str | Path, work_dir: str | Path, *, settings: Settings, data_dir: str | None,
-              extra_runs: tuple[str, ...] = (), command: str = "") -> Path:
-    """Run every measurement and write ``{out_dir}/rnn-vs-attention.md`` and its PNGs; returns the report."""
+              extra_runs: tuple[str, ...] = (), command: str = "", parts: tuple[str, ...] = PARTS) -> Path:
+    """Run the measurements in ``parts`` and write ``{out_dir}/rnn-vs-attention.md`` and its PNGs.
+
+    Each part's text is kept in ``{work_dir}/rnn-vs-attention-parts/`` and the report is assembled
+    from every part found there, so one part can be rerun (or run later, e.g. Multi30k once its
+    runs are trained) without redoing the others. Returns the report's path.
+    """
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown part {unknown[0]!r} (parts: {', '.join(PARTS)})")
     out, work, s = Path(out_dir), Path(work_dir), settings
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    sections = [_header(s, command)]
-    sections.append(_gradients_section(out, s))
-    trained, section = _synthetic_section(out, s)
-    sections += [_exploding_section(out, trained), section, _speed_section(out, s)]
-    sections.append(_multi30k_section(out, work, s, data_dir, extra_runs))
-    sections.append(f"Total wall-clock of this study: {(time.perf_counter() - started) / 60:.1f} min "
-                    f"(torch threads: {torch.get_num_threads()}).\n")
+    store = work / "rnn-vs-attention-parts"
+    command = command or "qkv study rnn-vs-attention"
+    for part in (p for p in PARTS if p in parts):
+        started = time.perf_counter()
+        if part == "gradients":
+            text = _gradients_section(out, s)
+        elif part == "synthetic":
+            trained, text = _synthetic_section(out, s)
+            text = _exploding_section(out, trained) + "\n" + text
+        elif part == "speed":
+            text = _speed_section(out, s)
+        else:
+            text = _multi30k_section(out, work, s, data_dir, extra_runs)
+        minutes = (time.perf_counter() - started) / 60
+        note = (f"_Measured by `{command}` ({s.name} settings, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} thread(s)) in {minutes:.1f} min._\n")
+        atomic_write_text(store / f"{part}.md", text + "\n" + note)
+    body = [(store / f"{p}.md").read_text() for p in PARTS if (store / f"{p}.md").is_file()]
     report = out / "rnn-vs-attention.md"
-    from qkv.fileio import atomic_write_text
-
-    atomic_write_text(report, "\n".join(sections))
+    atomic_write_text(report, "\n".join([_header(), *body]))
     return report
 
 
-def _header(s: Settings, command: str) -> str:
-    command = command or "qkv study rnn-vs-attention"
-    return (f"# RNN vs self-attention, measured ({s.name} settings)\n\nMade by `{command}`"
-            f" with torch {torch.__version__} on CPU. Every number below comes from that run; rerun the "
-            "command to reproduce it (seeded; wall-clock figures depend on the machine and its load).\n")
+def _header() -> str:
+    return ("# RNN vs self-attention, measured\n\nEvery number below comes from the command named under its "
+            "section (CPU; seeded; wall-clock figures depend on the machine and its load). Rerun a command to "
+            "reproduce its section; `--part NAME` reruns one part.\n")
 
 
 def _gradients_section(out: Path, s: Settings) -> str:

@@ -237,3 +237,30 @@ def test_bad_input(name, runs, tmp_path, capsys):
         assert piece in err, f"{piece!r} not in {err!r}"
     if name == "pickle_payload":
         assert not (tmp_path / "pwned").exists(), "the pickle payload ran"
+
+
+# -- inputs that are not errors: what qkv does instead, documented in docs/reliability.md ------------
+def test_utf8_bom_and_crlf_are_accepted(tmp_path):
+    """A UTF-8 byte-order mark is dropped and CRLF line ends read as LF (Windows editors write both)."""
+    lines = good_lines()
+    src = b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n"
+    assert main(translation_train(tmp_path, src=src)) == 0
+
+
+def test_over_long_texts_are_truncated_for_classification(runs, tmp_path, capsys):
+    """Classifiers read the first data.max_len tokens, as BERT tools do (and say so in the log)."""
+    long = " ".join(["good"] * 200).encode()
+    assert main(["classify", str(runs["classification"]), "--input", lines_file(tmp_path, long + b"\n")]) == 0
+    label, probability = capsys.readouterr().out.strip().split("\t")
+    assert label in ("pos", "neg") and 0.0 <= float(probability) <= 1.0
+
+
+def test_long_inputs_extend_sinusoidal_positions(runs, tmp_path, capsys):
+    """Sinusoidal (and RoPE, ALiBi) positions have no table to run off: a long line still translates."""
+    assert main(["translate", str(runs["translation"]), "--beam", "1", "--input",
+                 lines_file(tmp_path, b"dog " * 700 + b"\n")]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 40
