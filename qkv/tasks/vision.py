@@ -23,6 +23,7 @@ epoch from a generator seeded by (train.seed, epoch), so a resumed run sees the 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -129,8 +130,6 @@ class ImageArtifacts:
 
     @classmethod
     def load(cls, path: Path) -> ImageArtifacts:
-        import json
-
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             return cls(list(data["label_names"]), list(data["mean"]), list(data["std"]))
@@ -157,8 +156,6 @@ def vit_of(model) -> ViT:
 
 
 def read_split(run_dir: Path) -> dict:
-    import json
-
     path = Path(run_dir) / SPLIT
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -315,8 +312,6 @@ def score_classifier(model, images, labels, label_names, *, batch_size: int, con
 
 
 def read_confusion(path: Path) -> list[list[int]]:
-    import json
-
     return json.loads(Path(path).read_text(encoding="utf-8"))["matrix"]
 
 
