@@ -32,14 +32,23 @@ def test_bom_is_stripped_and_crlf_endings_dropped(tmp_path):
     assert read_lines(path) == ["Äpfel", "Birnen"]
 
 
-@pytest.mark.parametrize("sep", ["\r", "\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c"])
+@pytest.mark.parametrize("sep", ["\x0b", "\x0c", "\x1c"])
 def test_only_newline_splits_lines(tmp_path, sep):
     path = write(tmp_path, "x.txt", f"a{sep}b\nc\n".encode())
     assert read_lines(path) == [f"a{sep}b", "c"]
 
 
-def test_lone_cr_inside_crlf_line_is_kept(tmp_path):
-    assert read_lines(write(tmp_path, "x.txt", b"a\rb\r\nc\r\n")) == ["a\rb", "c"]
+@pytest.mark.parametrize("sep", ["\r", "\u2028", "\u2029", "\u0085"])
+def test_characters_other_tools_split_on_are_errors(tmp_path, sep):
+    """Python's splitlines() and many tools end a line there: parallel files would fall out of step."""
+    path = write(tmp_path, "x.txt", f"c\na{sep}b\n".encode())
+    with pytest.raises(DataError, match=r"x.txt:2: .* at character 1 of the line"):
+        read_lines(path)
+
+
+def test_lone_cr_inside_crlf_line_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="x.txt:1: a lone carriage return"):
+        read_lines(write(tmp_path, "x.txt", b"a\rb\r\nc\r\n"))
 
 
 def test_allow_empty_keeps_empty_lines(tmp_path):
@@ -70,7 +79,7 @@ def test_bad_files_name_file_and_line(tmp_path, data, expected):
 
 
 def test_bad_byte_line_number_is_exact_after_bom_and_crlf(tmp_path):
-    path = write(tmp_path, "x.txt", b"\xef\xbb\xbfa\r\nb\rc\r\nd\xe2\x80\r\n")
+    path = write(tmp_path, "x.txt", b"\xef\xbb\xbfa\r\nb c\r\nd\xe2\x80\r\n")
     with pytest.raises(DataError, match=r"x\.txt:3: invalid UTF-8 at byte 1 of the line \(file offset 12"):
         read_lines(path)
 
@@ -161,10 +170,11 @@ def test_read_parallel_misaligned_names_both_files_and_counts(tmp_path):
         read_parallel(tgt, src)
 
 
-def test_read_parallel_unicode_separator_does_not_misalign(tmp_path):
+def test_read_parallel_unicode_separator_is_an_error_not_a_misalignment(tmp_path):
     src = write(tmp_path, "c.en", "a\u2028b\nc\n".encode())
     tgt = write(tmp_path, "c.de", b"x\ny\n")
-    assert read_parallel(src, tgt).pairs == [("a\u2028b", "x"), ("c", "y")]
+    with pytest.raises(DataError, match=r"c\.en:1: LINE SEPARATOR \(U\+2028\)"):
+        read_parallel(src, tgt)
 
 
 def test_read_parallel_empty_line_is_an_error_naming_file_line(tmp_path):

@@ -39,6 +39,22 @@ def classification_config(folder: Path) -> dict:
     }
 
 
+def image_config(npz: Path) -> dict:
+    """A tiny ViT on 40 random 8x8 grey images of 2 classes stored as an .npz."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(npz, x=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y=np.array(["a", "b"] * 20))
+    return {
+        "task": "image_classification",
+        "data": {"source": str(npz), "batch_size": 8, "valid_fraction": 0.2, "test_fraction": 0.2},
+        "model": {"image_size": 8, "channels": 1, "patch_size": 4, "d_model": 16, "n_heads": 2, "d_ff": 32,
+                  "n_layers": 1},
+        "train": {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant", "warmup_steps": 1, "max_steps": 2,
+                  "eval_every": 2, "save_every": 2, "log_every": 1, "label_smoothing": 0.0},
+    }
+
+
 def _train(config: dict, folder: Path) -> Path:
     path = write_config(folder / "config.yaml", config)
     assert main(["train", str(path), "--out", str(folder / "run"), "--quiet"]) == 0
@@ -47,7 +63,7 @@ def _train(config: dict, folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """{"translation", "lm", "classification"}: trained run directories (2 steps each)."""
+    """{"translation", "lm", "classification", "image"}: trained run directories (2 steps each)."""
     root = tmp_path_factory.mktemp("runs")
     (root / "tr").mkdir()
     data = write_copy_corpus(root / "tr" / "data", n_train=40, n_valid=4)
@@ -57,4 +73,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out["lm"] = _train(lm_config(root / "lm" / "text.txt"), root / "lm")
     (root / "cls").mkdir()
     out["classification"] = _train(classification_config(root / "cls"), root / "cls")
+    (root / "img").mkdir()
+    out["image"] = _train(image_config(root / "img" / "images.npz"), root / "img")
     return out

@@ -164,6 +164,23 @@ CASES = {
     "missing_tokenizer": lambda t, r: (["translate", str(_without_tokenizer(copy_run(r, "translation", t))),
                                         "--input", lines_file(t, b"a\n")], ["tokenizer"]),
     "corrupt_run_config": lambda t, r: (["generate", str(_corrupt_config(copy_run(r, "lm", t)))], ["config"]),
+    # images
+    "corrupt_image": lambda t, r: (["classify", str(r["image"]), "--image",
+                                    str(_file(t, "digit.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40))], ["digit.png"]),
+    "not_an_image": lambda t, r: (["classify", str(r["image"]), "--image", str(_file(t, "notes.png", b"hello"))],
+                                  ["notes.png"]),
+    "missing_image": lambda t, r: (["classify", str(r["image"]), "--image", str(t / "gone.png")], ["gone.png"]),
+    "wrong_size_image_rejected": lambda t, r: (_image_train(t, _png(t, (12, 9)), resize=False), ["12x9"]),
+    "wrong_channels_image_rejected": lambda t, r: (_image_train(t, _png(t, (8, 8), mode="RGB"), resize=False),
+                                                   ["channel"]),
+    "npz_without_labels": lambda t, r: (_npz_train(t, x=_pixels(10)), ["images.npz", "'y'"]),
+    "npz_misaligned": lambda t, r: (_npz_train(t, x=_pixels(10), y=[0] * 9), ["images.npz", "y must have shape"]),
+    "npz_float_pixels_out_of_range": lambda t, r: (_npz_train(t, x=_pixels(10) * 3.0, y=[0, 1] * 5),
+                                                   ["images.npz", "[0, 1]"]),
+    "image_folder_without_classes": lambda t, r: (["evaluate", str(r["image"]), "--data", str(_dir(t, "empty"))],
+                                                  ["empty", "class subfolders"]),
+    "image_on_text_run": lambda t, r: (["classify", str(r["classification"]), "--image", str(_png(t, (8, 8)))],
+                                       ["image"]),
     # inputs at inference
     "prompt_outside_vocab": lambda t, r: (["generate", str(r["lm"]), "--prompt", "\u6c34"], ["--prompt", "\u6c34"]),
     "bad_top_p": lambda t, r: (["generate", str(r["lm"]), "--top-p", "1.5"], ["--top-p"]),
@@ -189,6 +206,56 @@ CASES = {
     if not torch.cuda.is_available() else (["generate", str(r["lm"]), "--device", "nonsense"], ["--device"]),
     "zero_threads": lambda t, r: (translation_train(t) + ["--threads", "0"], ["--threads"]),
 }
+
+
+def _file(tmp: Path, name: str, data: bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def _dir(tmp: Path, name: str) -> Path:
+    (tmp / name).mkdir()
+    return tmp / name
+
+
+def _png(tmp: Path, size: tuple[int, int], *, mode: str = "L") -> Path:
+    from PIL import Image
+
+    path = tmp / f"img_{size[0]}x{size[1]}_{mode}.png"
+    Image.new(mode, size).save(path)
+    return path
+
+
+def _pixels(n: int):
+    import numpy as np
+
+    return np.random.default_rng(0).random((n, 8, 8))
+
+
+def _npz_train(tmp: Path, **arrays) -> list[str]:
+    import numpy as np
+
+    from tests.bad_inputs.conftest import image_config
+
+    cfg = image_config(tmp / "ok.npz")
+    np.savez(tmp / "images.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+    cfg["data"]["source"] = str(tmp / "images.npz")
+    return ["train", str(write_config(tmp / "c.yaml", cfg)), "--out", str(tmp / "run"), "--quiet"]
+
+
+def _image_train(tmp: Path, odd_one: Path, *, resize: bool) -> list[str]:
+    """A folder of 8x8 grey PNGs in classes a/ and b/, plus ``odd_one`` in class a/."""
+    from tests.bad_inputs.conftest import image_config
+
+    for label in ("a", "b"):
+        (tmp / "imgs" / label).mkdir(parents=True)
+        for i in range(6):
+            _png(tmp, (8, 8)).rename(tmp / "imgs" / label / f"{i}.png")
+    odd_one.rename(tmp / "imgs" / "a" / odd_one.name)
+    cfg = image_config(tmp / "ok.npz")
+    cfg["data"].update(source=str(tmp / "imgs"), resize=resize)
+    return ["train", str(write_config(tmp / "c.yaml", cfg)), "--out", str(tmp / "run"), "--quiet"]
 
 
 def _learned_positions_run(tmp: Path) -> Path:
