@@ -64,6 +64,19 @@ TUNABLE = ("dropout", "attn_dropout", "pooling")
 LOSSES = ("batch_hard", "batch_all", "contrastive")
 
 
+def check_objective(data) -> None:
+    """Validate the metric-learning fields (loss, distance, margin, temperature, samples_per_class)
+    shared by the text and image embedding tasks' data configs."""
+    if data.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {data.loss!r}")
+    if data.distance not in losses.DISTANCES:
+        raise ValueError(f"distance must be one of {losses.DISTANCES}, got {data.distance!r}")
+    if data.margin < 0 or data.temperature <= 0:
+        raise ValueError(f"margin must be >= 0 and temperature > 0, got {data.margin}, {data.temperature}")
+    if data.samples_per_class == 1 or data.samples_per_class < 0:
+        raise ValueError(f"samples_per_class must be 0 (off) or >= 2, got {data.samples_per_class}")
+
+
 @dataclass(frozen=True)
 class ClassificationData:
     """Labelled text files and how they become batches."""
@@ -106,14 +119,7 @@ class EmbeddingData(ClassificationData):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.distance not in losses.DISTANCES:
-            raise ValueError(f"distance must be one of {losses.DISTANCES}, got {self.distance!r}")
-        if self.margin < 0 or self.temperature <= 0:
-            raise ValueError(f"margin must be >= 0 and temperature > 0, got {self.margin}, {self.temperature}")
-        if self.samples_per_class == 1 or self.samples_per_class < 0:
-            raise ValueError(f"samples_per_class must be 0 (off) or >= 2, got {self.samples_per_class}")
+        check_objective(self)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qkv import losses
 from qkv.config import write_json
 from qkv.data.classification import class_balanced_batches, sentence_batches
 from qkv.data.images import (
@@ -50,7 +49,7 @@ from qkv.errors import CheckpointError, ConfigError, DataError
 from qkv.metrics import confusion_matrix, confusion_scores, nn_accuracy, separation
 from qkv.models.vit import ImageEmbedder, ViT, ViTConfig
 from qkv.tasks import TaskSpec, register
-from qkv.tasks.classification import LOSSES, embedding_loss, write_confusion
+from qkv.tasks.classification import check_objective, embedding_loss, write_confusion
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +99,7 @@ class ImageEmbeddingData(ImageData):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.distance not in losses.DISTANCES:
-            raise ValueError(f"distance must be one of {losses.DISTANCES}, got {self.distance!r}")
-        if self.margin < 0 or self.temperature <= 0:
-            raise ValueError(f"margin must be >= 0 and temperature > 0, got {self.margin}, {self.temperature}")
-        if self.samples_per_class == 1 or self.samples_per_class < 0:
-            raise ValueError(f"samples_per_class must be 0 (off) or >= 2, got {self.samples_per_class}")
+        check_objective(self)
 
 
 @dataclass(frozen=True)
