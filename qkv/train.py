@@ -144,6 +144,7 @@ class Trainer:
         self.state = Progress()
         self.show_progress = progress and rank == 0
         self._epoch_batches: tuple[int, list] | None = None
+        self._grad_norm_max: float | None = None  # largest pre-clipping gradient norm since the last log line
         self._flops_per_token: float | None = None  # with a known peak: for the MFU figure
         self._peak: float | None = None
 
@@ -194,8 +195,10 @@ class Trainer:
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             return value, total_tokens, lr
-        if self.cfg.clip_grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        if self.cfg.clip_grad_norm > 0:  # the norm before clipping goes to the log (the largest of the window)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+            self._grad_norm_max = max(self._grad_norm_max or 0.0, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return value, total_tokens, lr
@@ -234,6 +237,9 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "split": "train", "loss": round(value, 5), "lr": lr,
                           "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), "epoch": self.state.epoch}
+                if self._grad_norm_max is not None:
+                    record["grad_norm"] = round(self._grad_norm_max, 4)
+                    self._grad_norm_max = None
                 if self._flops_per_token is not None:
                     record["mfu"] = round(mfu.mfu(self._flops_per_token, window_tokens / max(elapsed, 1e-9),
                                                   self._peak, distributed.world_size()), 4)

@@ -212,3 +212,10 @@ def test_layer_wise_learning_rates_and_decay_groups():
     assert {g["lr_scale"] for g in flat.param_groups} == {1.0}
     with pytest.raises(ConfigError, match="layer_lr_decay"):
         TrainConfig(layer_lr_decay=0.0)
+
+
+def test_log_records_the_largest_gradient_norm_before_clipping(tmp_path):
+    _train(tmp_path, "run", max_steps=4, clip_grad_norm=1e-3, log_every=2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in records if r["split"] == "train"]
+    assert len(norms) == 2 and all(n > 1e-3 for n in norms)  # measured before clipping to 1e-3
