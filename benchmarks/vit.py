@@ -5,6 +5,8 @@ logits checked equal, max abs difference < 1e-4, before anything is timed): pre-
 a class token, learned positions, a strided-convolution patch embedding, fp32, CPU, one torch
 thread, HF with its default SDPA attention. Configurations:
 
+    digits    the configs/digits-vit.yaml model: 8 x 8 x 1, patch 2 (16 patches + class token),
+              d_model 64, 4 layers, 4 heads, d_ff 128, 10 classes; batch 64.
     mnist     the configs/mnist-vit.yaml model: 28 x 28 x 1, patch 4 (49 patches + class token),
               d_model 64, 4 layers, 4 heads, d_ff 128, 10 classes; batch 64.
     tiny32    a ViT-Tiny-width model on 32 x 32 x 3 images (CIFAR-sized): patch 4 (64 patches),
@@ -23,19 +25,16 @@ Run: python benchmarks/vit.py [--quick]
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from _common import emit, emit_info, parser, time_fns
 
+from qkv.convert import vit_state_dict_to_hf
 from qkv.models.vit import ViT, ViTConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_vit import _copy_to_hf  # noqa: E402  (the one place that maps our weights to HF's names)
-
 CONFIGS = {
+    "digits": (ViTConfig(image_size=8, channels=1, patch_size=2, d_model=64, n_heads=4, d_ff=128, n_layers=4,
+                         n_classes=10), 64),
     "mnist": (ViTConfig(image_size=28, channels=1, patch_size=4, d_model=64, n_heads=4, d_ff=128, n_layers=4,
                         n_classes=10), 64),
     "tiny32": (ViTConfig(image_size=32, channels=3, patch_size=4, d_model=192, n_heads=3, d_ff=768, n_layers=6,
@@ -87,7 +86,7 @@ def bench(name: str, cfg: ViTConfig, batch: int, *, repeats: int) -> None:
     torch.manual_seed(0)
     ours = ViT(cfg)
     hf = hf_model(cfg)
-    _copy_to_hf(ours, hf)
+    hf.load_state_dict(vit_state_dict_to_hf(ours), strict=True)
     images = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
     labels = torch.randint(0, cfg.n_classes, (batch,))
     with torch.no_grad():
@@ -106,7 +105,7 @@ def bench(name: str, cfg: ViTConfig, batch: int, *, repeats: int) -> None:
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(1)
-    names = ["mnist"] if args.quick else list(CONFIGS)
+    names = ["digits", "mnist"] if args.quick else list(CONFIGS)
     for name in names:
         cfg, batch = CONFIGS[name]
         bench(name, cfg, batch, repeats=5 if args.quick else 20)

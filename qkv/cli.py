@@ -115,6 +115,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
 
 
+def _cmd_cv(args: argparse.Namespace) -> None:
+    from qkv.cv import cross_validate
+
+    out = Path(args.out) if args.out else Path("runs") / f"cv-{Path(args.config).stem}"
+    result = cross_validate(args.config, out, folds=args.folds, overrides=args.set, jobs=args.jobs,
+                            threads=args.threads, device=args.device)
+    print(json.dumps({"cv_dir": str(out), **{k: result[k] for k in ("metric", "folds", "mean", "std", "pooled")},
+                      "per_fold": [f[result["metric"]] for f in result["per_fold"]]}))
+
+
 def _cmd_translate(args: argparse.Namespace) -> None:
     from qkv.decode import translate
     from qkv.run import load_run
@@ -148,6 +158,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from qkv.run import load_run, read_run_config
 
     task = read_run_config(args.run_dir).task
+    if args.split and args.data:
+        raise ConfigError("--split and --data exclude each other: --split picks one of the run's recorded splits")
+    if args.split and task not in ("image_classification", "image_embedding"):
+        raise ConfigError(f"--split is for image runs (they record their split); a {task} run is scored on "
+                          "the files you pass")
     device = resolve_device(args.device)
     cfg, model, artifacts = load_run(args.run_dir, device=device)
     if task in TRANSLATION_TASKS:
@@ -163,7 +178,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     elif task in ("image_classification", "image_embedding"):
         from qkv.tasks.vision import evaluate_run
 
-        result = evaluate_run(cfg, model, artifacts, args.run_dir, data=args.data)
+        result = evaluate_run(cfg, model, artifacts, args.run_dir, data=args.data, split=args.split or "test")
     else:
         raise ConfigError(f"evaluate does not know task {task!r}")
     print(json.dumps({"run_dir": str(args.run_dir), "task": task, **result}))
@@ -346,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("cv", help="image runs: K-fold cross-validation of a config on the non-test images "
+                                  "(choose a recipe without the test set); writes OUT/cv.json")
+    p.add_argument("config", help="YAML config of an image_classification or image_embedding run")
+    p.add_argument("--folds", type=int, default=5, help="K (default: 5)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for every fold (repeatable)")
+    p.add_argument("--out", help="folder for the K runs and cv.json (default: runs/cv-<config name>)")
+    p.add_argument("--jobs", type=int, default=1, help="folds trained at once, each in its own process (default: 1)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch in each fold's process")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's train.device)")
+    p.set_defaults(func=_cmd_cv)
+
     p = sub.add_parser("translate", help="translate lines with a trained translation run")
     p.add_argument("run_dir")
     p.add_argument("--input", help="source file, one sentence per line (default: stdin)")
@@ -359,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="language model: a UTF-8 text file to score")
     p.add_argument("--data", help="classification/embedding: a labelled TSV/CSV file; image runs: an .npz or a "
                    "folder of class subfolders (default: the run's recorded test split)")
+    p.add_argument("--split", choices=["test", "valid"],
+                   help="image runs: which recorded split to score (default: test)")
     p.add_argument("--src", help="translation: source file")
     p.add_argument("--ref", help="translation: reference file, aligned with --src")
     p.add_argument("--beam", type=int)

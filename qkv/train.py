@@ -288,6 +288,8 @@ class Trainer:
         with torch.no_grad():
             metrics = self.task.evaluate(self.model)
         self.model.train(was_training)
+        if not metrics:  # a task with nothing held out (e.g. data.train_on_valid) evaluates nothing
+            return metrics
         self._log({"step": self.state.step, "split": "valid", **metrics})
         log.info("step %d: %s", self.state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                           if isinstance(v, (int, float))))

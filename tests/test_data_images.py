@@ -44,6 +44,38 @@ def test_split_rejects_fractions_that_leave_no_training_images():
         split_indices([0, 1, 0, 1], valid=0.5, test=0.5, seed=0)
 
 
+def test_cross_validation_folds_keep_the_test_set_and_partition_the_rest_stratified():
+    labels = np.repeat(np.arange(4), [50, 30, 20, 100])
+    plain = split_indices(labels, valid=0.1, test=0.2, seed=3)
+    pool = sorted(plain["train"] + plain["valid"])
+    folds = [split_indices(labels, valid=0.1, test=0.2, seed=3, folds=5, fold=k) for k in range(5)]
+    held_out = []
+    for split in folds:
+        assert split["test"] == plain["test"]  # the test set never depends on the folds
+        assert sorted(split["train"] + split["valid"]) == pool and not set(split["train"]) & set(split["valid"])
+        held_out += split["valid"]
+    assert sorted(held_out) == pool  # every non-test image is held out exactly once
+    counts = np.stack([np.bincount(labels[s["valid"]], minlength=4) for s in folds])  # (folds, classes)
+    assert (counts.max(0) - counts.min(0) <= 1).all()  # stratified: each class spread evenly over folds
+
+
+def test_train_on_valid_moves_the_validation_images_into_training_and_keeps_the_test_set():
+    labels = np.repeat(np.arange(3), [40, 40, 20])
+    plain = split_indices(labels, valid=0.1, test=0.2, seed=0)
+    final = split_indices(labels, valid=0.1, test=0.2, seed=0, train_on_valid=True)
+    assert final["test"] == plain["test"] and final["valid"] == []
+    assert final["train"] == sorted(plain["train"] + plain["valid"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"folds": 1}, "cv_folds >= 2"), ({"folds": 3, "fold": 3}, "0 <= cv_fold < cv_folds"),
+    ({"folds": -2}, "cv_folds >= 2"), ({"folds": 3, "fold": 0, "train_on_valid": True}, "exclude each other"),
+])
+def test_split_rejects_bad_fold_settings(kwargs, match):
+    with pytest.raises(DataError, match=match):
+        split_indices(list(range(4)) * 10, valid=0.1, test=0.2, seed=0, **kwargs)
+
+
 # -- built-in sources -------------------------------------------------------------------------------
 def test_digits_are_8x8_in_unit_range():
     pytest.importorskip("sklearn")

@@ -1,11 +1,13 @@
 """The Vision Transformer: patches, class token, positions and their interpolation, attention maps,
-rollout, and a reference test against Hugging Face's ViTForImageClassification with copied weights."""
+rollout, and a reference test against Hugging Face's ViTForImageClassification with copied weights
+(qkv.convert.vit_state_dict_to_hf)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from qkv.convert import vit_state_dict_to_hf
 from qkv.models.vit import ImageEmbedder, PatchEmbedding, ViT, ViTConfig, patchify, resize_grid, sincos_2d
 from qkv.viz_image import attention_rollout, head_mean, image_attention, patch_maps
 
@@ -172,31 +174,6 @@ def test_image_embedder_gives_unit_vectors():
 
 
 # -- reference: Hugging Face ViTForImageClassification with the same weights --------------------------
-def _copy_to_hf(ours: ViT, hf) -> None:
-    """Our weights into HF's names (the mapping lives here: qkv has no ViT checkpoint converter yet)."""
-    cfg, D = ours.cfg, ours.cfg.d_model
-    sd = ours.state_dict()
-    new = {"vit.embeddings.cls_token": sd["class_token"], "vit.embeddings.position_embeddings": sd["positions"][None],
-           "vit.embeddings.patch_embeddings.projection.weight":
-               sd["patch_embed.proj.weight"].view(D, cfg.channels, cfg.patch_size, cfg.patch_size),
-           "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           "vit.layernorm.weight": sd["final_norm.weight"], "vit.layernorm.bias": sd["final_norm.bias"],
-           "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
-    for i in range(cfg.n_layers):  # transformers 5 names ("vit.layers.i.attention.q_proj")
-        ours_, theirs = f"layers.{i}.", f"vit.layers.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = sd[ours_ + f"self_attn.qkv_proj.{kind}"].split(D)
-            new.update({theirs + f"attention.q_proj.{kind}": q, theirs + f"attention.k_proj.{kind}": k,
-                        theirs + f"attention.v_proj.{kind}": v,
-                        theirs + f"attention.o_proj.{kind}": sd[ours_ + f"self_attn.out_proj.{kind}"],
-                        theirs + f"layernorm_before.{kind}": sd[ours_ + f"attn_residual.norm.{kind}"],
-                        theirs + f"layernorm_after.{kind}": sd[ours_ + f"ff_residual.norm.{kind}"],
-                        theirs + f"mlp.fc1.{kind}": sd[ours_ + f"ff.w_1.{kind}"],
-                        theirs + f"mlp.fc2.{kind}": sd[ours_ + f"ff.w_2.{kind}"]})
-    missing, unexpected = hf.load_state_dict(new, strict=False)
-    assert not unexpected and not missing, (missing, unexpected)
-
-
 def hf_vit(cfg: ViTConfig):
     transformers = pytest.importorskip("transformers")
     hf_cfg = transformers.ViTConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
@@ -212,7 +189,7 @@ def test_outputs_equal_hugging_face_vit_with_the_same_weights():
     cfg = tiny(channels=3, image_size=16, patch_size=4, n_classes=5)
     ours = ViT(cfg).eval()
     hf = hf_vit(cfg)
-    _copy_to_hf(ours, hf)
+    hf.load_state_dict(vit_state_dict_to_hf(ours), strict=True)  # every key matched
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = hf(pixel_values=images).logits

@@ -210,23 +210,45 @@ def load_images(source: str, *, size: int, channels: int, resize: bool) -> Image
 
 
 # -- split, normalisation, augmentation --------------------------------------------------------------
-def split_indices(labels, *, valid: float, test: float, seed: int) -> dict[str, list[int]]:
+def split_indices(labels, *, valid: float, test: float, seed: int, folds: int = 0, fold: int = 0,
+                  train_on_valid: bool = False) -> dict[str, list[int]]:
     """A stratified, seeded split: per class, round(n * fraction) images go to valid and to test.
 
-    The same labels, fractions and seed always give the same split (numpy's PCG64).
+    The same labels, fractions and seed always give the same split (numpy's PCG64), and the test
+    images depend only on them, never on ``folds`` or ``train_on_valid``, so every variant below is
+    scored against the same test set:
+
+    * ``folds=K`` (K >= 2): K-fold cross-validation of the images that are not test. Per class they
+      are dealt round-robin into K folds (so every fold is stratified); fold ``fold`` is the
+      validation set and the other K - 1 the training set (``valid`` only fixes the test set).
+    * ``train_on_valid``: the validation images join the training images (a final fit once the
+      recipe is chosen); valid is empty.
     """
     if not (0.0 <= valid < 1.0 and 0.0 <= test < 1.0 and valid + test < 1.0):
         raise DataError(f"data.valid_fraction={valid} and data.test_fraction={test} must be in [0, 1) "
                         "and leave images for training")
+    if folds == 1 or folds < 0 or (folds and not 0 <= fold < folds):
+        raise DataError(f"data.cv_folds={folds} and data.cv_fold={fold}: need cv_folds >= 2 and "
+                        "0 <= cv_fold < cv_folds (or cv_folds=0: no cross-validation)")
+    if folds and train_on_valid:
+        raise DataError("data.cv_folds and data.train_on_valid exclude each other: a fold is held out to score it")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {"train": [], "valid": [], "test": []}
+    pool: list[int] = []  # the images that are not test, class by class (each class in random order)
     for c in np.unique(labels):
         index = rng.permutation(np.flatnonzero(labels == c))
         n_valid, n_test = math.floor(len(index) * valid + 0.5), math.floor(len(index) * test + 0.5)
         parts["valid"] += index[:n_valid].tolist()
         parts["test"] += index[n_valid:n_valid + n_test].tolist()
         parts["train"] += index[n_valid + n_test:].tolist()
+        pool += index[:n_valid].tolist() + index[n_valid + n_test:].tolist()
+    if folds:
+        parts["valid"] = pool[fold::folds]  # round-robin over a class-ordered list: stratified folds
+        held_out = set(parts["valid"])
+        parts["train"] = [i for i in pool if i not in held_out]
+    elif train_on_valid:
+        parts["train"], parts["valid"] = parts["train"] + parts["valid"], []
     return {k: sorted(v) for k, v in parts.items()}
 
 

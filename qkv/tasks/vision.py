@@ -65,6 +65,9 @@ class ImageData:
     valid_fraction: float = 0.1      # per class, stratified
     test_fraction: float = 0.2
     split_seed: int = 0
+    cv_folds: int = 0                # K >= 2: K-fold cross-validation of the non-test images (qkv cv) ...
+    cv_fold: int = 0                 # ... holding out this fold as the validation set
+    train_on_valid: bool = False     # the validation images join training (a final fit; nothing to evaluate)
     batch_size: int = 64
     eval_batch_size: int = 500
     shift: float = 0.0               # augmentation: random shift of up to this many pixels
@@ -80,6 +83,11 @@ class ImageData:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cv_folds == 1 or self.cv_folds < 0 or (self.cv_folds and not 0 <= self.cv_fold < self.cv_folds):
+            raise ValueError(f"cv_folds={self.cv_folds} and cv_fold={self.cv_fold}: need cv_folds >= 2 and "
+                             "0 <= cv_fold < cv_folds (or cv_folds=0: no cross-validation)")
+        if self.cv_folds and self.train_on_valid:
+            raise ValueError("cv_folds and train_on_valid exclude each other: a fold is held out to score it")
         for name in ("shift", "rotate", "scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -178,9 +186,11 @@ class ImageRunData:
         else:
             images = load_images(d.source, size=m.image_size, channels=m.channels, resize=d.resize)
             split = {"source": d.source, "seed": d.split_seed, "valid_fraction": d.valid_fraction,
-                     "test_fraction": d.test_fraction,
+                     "test_fraction": d.test_fraction, "cv_folds": d.cv_folds, "cv_fold": d.cv_fold,
+                     "train_on_valid": d.train_on_valid,
                      **split_indices(images.labels.numpy(), valid=d.valid_fraction, test=d.test_fraction,
-                                     seed=d.split_seed)}
+                                     seed=d.split_seed, folds=d.cv_folds, fold=d.cv_fold,
+                                     train_on_valid=d.train_on_valid)}
             parts = {k: images.subset(split[k]) for k in ("train", "valid", "test")}
             artifacts = ImageArtifacts(images.label_names, *channel_stats(parts["train"].images))
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,8 +198,12 @@ class ImageRunData:
             artifacts.save(run_dir / IMAGES)
             if d.svm_baseline:
                 write_json(run_dir / BASELINE, svm_baseline(parts))
-        if not len(parts["valid"]):
+        if not len(parts["valid"]) and not d.train_on_valid:
             raise ConfigError(f"data.valid_fraction={d.valid_fraction}: no validation images to evaluate on")
+        if d.train_on_valid and cfg.train.patience:
+            raise ConfigError(f"data.train_on_valid leaves nothing to evaluate, so train.patience="
+                              f"{cfg.train.patience} cannot stop early or pick the best checkpoint; set it to 0 "
+                              "(the final model is then the last checkpoint, or train.average_last of them)")
         self.train, self.valid, self.test = parts["train"], parts["valid"], parts["test"]
         self.artifacts = artifacts
         n_classes = len(artifacts.label_names) if cfg.task == "image_classification" else 0
@@ -219,7 +233,12 @@ class ImageRunData:
 
 
 def svm_baseline(parts: dict[str, ImageSet]) -> dict:
-    """An RBF SVM on raw pixels in [0, 1]: C in {1, 10, 100} chosen on valid, scored on test."""
+    """An RBF SVM on raw pixels in [0, 1], fitted on the same training images as the ViT.
+
+    C in {1, 10, 100} is chosen on the validation images, or by 5-fold stratified cross-validation
+    of the training images when there are none (data.train_on_valid); scored on the test images.
+    """
+    from sklearn.model_selection import cross_val_score
     from sklearn.svm import SVC
 
     def flat(part):
@@ -227,13 +246,19 @@ def svm_baseline(parts: dict[str, ImageSet]) -> dict:
 
     (x, y), (xv, yv), (xt, yt) = flat(parts["train"]), flat(parts["valid"]), flat(parts["test"])
     start = time.perf_counter()
-    scores = {C: SVC(kernel="rbf", C=C, gamma="scale").fit(x, y).score(xv, yv) for C in (1.0, 10.0, 100.0)}
+    if len(yv):
+        chosen_by = "validation accuracy"
+        scores = {C: SVC(kernel="rbf", C=C, gamma="scale").fit(x, y).score(xv, yv) for C in (1.0, 10.0, 100.0)}
+    else:
+        chosen_by = "5-fold cross-validation accuracy on the training images"
+        scores = {C: cross_val_score(SVC(kernel="rbf", C=C, gamma="scale"), x, y, cv=5).mean()
+                  for C in (1.0, 10.0, 100.0)}
     best = max(scores, key=scores.get)
     svm = SVC(kernel="rbf", C=best, gamma="scale").fit(x, y)
     test = float(svm.score(xt, yt)) if len(yt) else float("nan")
     return {"model": f"sklearn SVC(kernel='rbf', gamma='scale', C={best:g}) on raw pixels",
-            "valid_accuracy_by_C": {str(k): float(v) for k, v in scores.items()}, "C": best,
-            "valid_accuracy": float(scores[best]), "test_accuracy": test, "train_images": len(y),
+            "C_chosen_by": chosen_by, "accuracy_by_C": {str(k): float(v) for k, v in scores.items()}, "C": best,
+            "selection_accuracy": float(scores[best]), "test_accuracy": test, "train_images": len(y),
             "test_images": len(yt), "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -257,6 +282,8 @@ class ImageClassificationTask:
 
     def evaluate(self, model) -> dict[str, float]:
         d = self.data
+        if not len(d.valid):  # data.train_on_valid
+            return {}
         return score_classifier(model, d.prepare(d.valid.images), d.valid.labels, d.artifacts.label_names,
                                 batch_size=self.cfg.data.eval_batch_size, confusion_path=self.run_dir / CONFUSION)
 
@@ -267,7 +294,7 @@ class ImageEmbeddingTask:
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         self.data = ImageRunData(cfg, run_dir, resume=resume)
         self.cfg = self.data.cfg
-        if len(self.data.valid) < 2:
+        if len(self.data.valid) < 2 and not self.cfg.data.train_on_valid:
             raise ConfigError("the image_embedding task needs at least 2 validation images")
 
     def build_model(self) -> ImageEmbedder:
@@ -283,6 +310,8 @@ class ImageEmbeddingTask:
 
     def evaluate(self, model) -> dict[str, float]:
         d = self.data
+        if not len(d.valid):  # data.train_on_valid
+            return {}
         return score_embedder(model, d.prepare(d.valid.images), d.valid.labels, self.cfg)
 
 
@@ -342,17 +371,22 @@ def classify_images(cfg, model, artifacts: ImageArtifacts, paths: list[str]) -> 
     return [(artifacts.label_names[int(c)], float(p)) for c, p in zip(best, best_p)]
 
 
-def evaluate_run(cfg, model, artifacts: ImageArtifacts, run_dir: str | Path, *, data: str | None = None) -> dict:
-    """Metrics on the run's recorded test split (or on ``data``: an .npz or a class folder with the run's labels).
+def evaluate_run(cfg, model, artifacts: ImageArtifacts, run_dir: str | Path, *, data: str | None = None,
+                 split: str = "test") -> dict:
+    """Metrics on the run's recorded ``split`` ("test" or "valid"; or on ``data``: an .npz or a class
+    folder with the run's labels).
 
     A classification run also writes the confusion matrix to run_dir/confusion.json.
     """
     run_dir = Path(run_dir)
+    if split not in ("test", "valid"):
+        raise ConfigError(f"--split must be 'test' or 'valid', got {split!r}")
     if data is None:
-        split = read_split(run_dir)
-        part, where = load_split_images(cfg, split)["test"], f"{split['source']} (test split of {run_dir / SPLIT})"
+        recorded = read_split(run_dir)
+        part = load_split_images(cfg, recorded)[split]
+        where = f"{recorded['source']} ({split} split of {run_dir / SPLIT})"
         if not len(part):
-            raise ConfigError(f"{run_dir / SPLIT}: the test split is empty; pass --data FILE")
+            raise ConfigError(f"{run_dir / SPLIT}: the {split} split is empty; pass --data FILE")
     else:
         m = cfg.model
         part = load_images(data, size=m.image_size, channels=m.channels, resize=cfg.data.resize)
