@@ -119,3 +119,10 @@ def test_train_on_valid_refuses_early_stopping(tmp_path, capsys):
 def test_evaluate_split_and_data_exclude_each_other(cv_dir, capsys):
     assert main(["evaluate", str(cv_dir / "fold_0"), "--split", "valid", "--data", "x.npz"]) == 2
     assert "--split and --data exclude each other" in capsys.readouterr().err
+
+
+def test_train_names_a_bad_fold_setting(tmp_path, capsys):
+    config = fast_config(tmp_path, cv_folds=3, cv_fold=3)
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "data.cv_folds=3 and data.cv_fold=3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

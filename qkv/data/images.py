@@ -210,6 +210,15 @@ def load_images(source: str, *, size: int, channels: int, resize: bool) -> Image
 
 
 # -- split, normalisation, augmentation --------------------------------------------------------------
+def check_folds(folds: int, fold: int, train_on_valid: bool) -> None:
+    """DataError unless (folds, fold) is 0 (no cross-validation) or K >= 2 with 0 <= fold < K."""
+    if folds == 1 or folds < 0 or (folds and not 0 <= fold < folds):
+        raise DataError(f"data.cv_folds={folds} and data.cv_fold={fold}: need cv_folds >= 2 and "
+                        "0 <= cv_fold < cv_folds (or cv_folds=0: no cross-validation)")
+    if folds and train_on_valid:
+        raise DataError("data.cv_folds and data.train_on_valid exclude each other: a fold is held out to score it")
+
+
 def split_indices(labels, *, valid: float, test: float, seed: int, folds: int = 0, fold: int = 0,
                   train_on_valid: bool = False) -> dict[str, list[int]]:
     """A stratified, seeded split: per class, round(n * fraction) images go to valid and to test.
@@ -227,11 +236,7 @@ def split_indices(labels, *, valid: float, test: float, seed: int, folds: int = 
     if not (0.0 <= valid < 1.0 and 0.0 <= test < 1.0 and valid + test < 1.0):
         raise DataError(f"data.valid_fraction={valid} and data.test_fraction={test} must be in [0, 1) "
                         "and leave images for training")
-    if folds == 1 or folds < 0 or (folds and not 0 <= fold < folds):
-        raise DataError(f"data.cv_folds={folds} and data.cv_fold={fold}: need cv_folds >= 2 and "
-                        "0 <= cv_fold < cv_folds (or cv_folds=0: no cross-validation)")
-    if folds and train_on_valid:
-        raise DataError("data.cv_folds and data.train_on_valid exclude each other: a fold is held out to score it")
+    check_folds(folds, fold, train_on_valid)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {"train": [], "valid": [], "test": []}

@@ -39,6 +39,7 @@ from qkv.data.images import (
     ImageSet,
     augment,
     channel_stats,
+    check_folds,
     fit_images,
     load_images,
     normalize,
@@ -83,11 +84,7 @@ class ImageData:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cv_folds == 1 or self.cv_folds < 0 or (self.cv_folds and not 0 <= self.cv_fold < self.cv_folds):
-            raise ValueError(f"cv_folds={self.cv_folds} and cv_fold={self.cv_fold}: need cv_folds >= 2 and "
-                             "0 <= cv_fold < cv_folds (or cv_folds=0: no cross-validation)")
-        if self.cv_folds and self.train_on_valid:
-            raise ValueError("cv_folds and train_on_valid exclude each other: a fold is held out to score it")
+        check_folds(self.cv_folds, self.cv_fold, self.train_on_valid)
         for name in ("shift", "rotate", "scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
