@@ -120,9 +120,11 @@ def _cmd_cv(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else Path("runs") / f"cv-{Path(args.config).stem}"
     result = cross_validate(args.config, out, folds=args.folds, overrides=args.set, jobs=args.jobs,
-                            threads=args.threads, device=args.device)
-    print(json.dumps({"cv_dir": str(out), **{k: result[k] for k in ("metric", "folds", "mean", "std", "pooled")},
-                      "per_fold": [f[result["metric"]] for f in result["per_fold"]]}))
+                            threads=args.threads, device=args.device, seeds=args.seeds, tta=args.tta)
+    print(json.dumps({"cv_dir": str(out), **{k: result[k] for k in ("metric", "folds", "recipe", "mean", "std",
+                                                                     "pooled")},
+                      "per_fold": [f[result["metric"]] for f in result["per_fold"]],
+                      "pooled_by_variant": {k: v["pooled"] for k, v in result["variants"].items()}}))
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:
@@ -158,6 +160,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from qkv.run import load_run, read_run_config
 
     task = read_run_config(args.run_dir).task
+    if (args.ensemble or args.tta is not None) and task != "image_classification":
+        raise ConfigError(f"--ensemble and --tta are for image_classification runs, not a {task} run")
     if args.split and args.data:
         raise ConfigError("--split and --data exclude each other: --split picks one of the run's recorded splits")
     if args.split and task not in ("image_classification", "image_embedding"):
@@ -176,9 +180,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             raise ConfigError(f"evaluate on a {task} run needs --data FILE (TSV/CSV with labels)")
         result = evaluate_file(cfg, model, artifacts, args.data, run_dir=args.run_dir)
     elif task in ("image_classification", "image_embedding"):
-        from qkv.tasks.vision import evaluate_run
+        from qkv.tasks.image_inference import evaluate_run, load_members
 
-        result = evaluate_run(cfg, model, artifacts, args.run_dir, data=args.data, split=args.split or "test")
+        result = evaluate_run(cfg, model, artifacts, args.run_dir, data=args.data, split=args.split or "test",
+                              tta=args.tta, ensemble=load_members(args.ensemble, device=device))
     else:
         raise ConfigError(f"evaluate does not know task {task!r}")
     print(json.dumps({"run_dir": str(args.run_dir), "task": task, **result}))
@@ -259,13 +264,16 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     from qkv.tasks.classification import classify_texts
 
     if args.image:
-        from qkv.tasks.vision import classify_images
+        from qkv.tasks.image_inference import classify_images, load_members
 
-        cfg, model, artifacts = load_run(args.run_dir, device=resolve_device(args.device),
-                                         task="image_classification")
-        labelled = classify_images(cfg, model, artifacts, args.image)
+        device = resolve_device(args.device)
+        cfg, model, artifacts = load_run(args.run_dir, device=device, task="image_classification")
+        labelled = classify_images(cfg, model, artifacts, args.image, tta=args.tta, run_dir=args.run_dir,
+                                   ensemble=load_members(args.ensemble, device=device))
         _write_output(args.output, [f"{f}\t{label}\t{prob:.4f}" for f, (label, prob) in zip(args.image, labelled)])
         return
+    if args.ensemble or args.tta is not None:
+        raise ConfigError("--ensemble and --tta are for image runs (with --image)")
     cfg, model, artifacts = load_run(args.run_dir, device=resolve_device(args.device), task="classification")
     lines = _read_input(args.input)
     labelled = classify_texts(model, artifacts, lines, batch_size=args.batch_size)
@@ -369,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value for every fold (repeatable)")
     p.add_argument("--out", help="folder for the K runs and cv.json (default: runs/cv-<config name>)")
     p.add_argument("--jobs", type=int, default=1, help="folds trained at once, each in its own process (default: 1)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="train every fold once per train.seed (OUT/seed_S/fold_k); scores each seed alone and, "
+                        "with several, their ensemble (mean class probability)")
+    p.add_argument("--tta", action="store_true",
+                   help="also score every variant with test-time augmentation (the image and 4 one-pixel shifts)")
     p.add_argument("--threads", type=int, help="CPU threads for torch in each fold's process")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's train.device)")
     p.set_defaults(func=_cmd_cv)
@@ -392,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="translation: reference file, aligned with --src")
     p.add_argument("--beam", type=int)
     p.add_argument("--output", help="also write the hypotheses here")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                   help="image runs: more runs of the same classes; their class probabilities are averaged "
+                        "with RUN_DIR's (e.g. one recipe trained with several seeds)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="image runs: average over the image and its 4 one-pixel shifts (default: the run's "
+                        "decode.tta)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -413,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image run: PNG/JPEG files to label instead; prints file<TAB>label<TAB>probability")
     p.add_argument("--output", help="default: stdout")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                   help="image runs: more runs of the same classes; their class probabilities are averaged "
+                        "with RUN_DIR's (e.g. one recipe trained with several seeds)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="image runs: average over the image and its 4 one-pixel shifts (default: the run's "
+                        "decode.tta)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_classify)
 

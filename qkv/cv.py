@@ -12,10 +12,17 @@ OUT/fold_k, with its log in OUT/fold_k.log. A fold whose run already finished is
 that stopped part-way is resumed, so an interrupted cross-validation continues where it stopped.
 The result goes to OUT/cv.json:
 
-    {"config", "overrides", "folds", "metric", "per_fold": [{"fold", "run_dir", "examples",
-     "<metric>"}], "mean", "std", "pooled", "seconds"}
+    {"config", "overrides", "folds", "metric", "seeds", "tta", "recipe", "per_fold": [{"fold",
+     "run_dir" (or "run_dirs"), "examples", "<metric>"}], "mean", "std", "pooled", "examples",
+     "variants": {name: {"per_fold": [<metric>, ...], "mean", "std", "pooled", "examples"}}, "seconds"}
 
 ``pooled`` is the example-weighted mean over folds (for accuracy: correct / all held-out images).
+
+Variance cures are compared on the same folds (qkv.tasks.image_inference): ``seeds=[1, 2, 3]``
+trains every fold once per seed (OUT/seed_S/fold_k) and scores each seed's models alone
+("seed_S") and together ("ensemble": the mean class probability); ``tta=True`` scores each of
+these again with test-time augmentation ("...+tta"). A model is trained once and scored by every
+variant it belongs to, so the differences between variants are paired, not noise between runs.
 
 Selecting the final model on the held-out fold (``train.patience`` > 0 picks the best
 checkpoint by validation accuracy) scores the fold with a model chosen on it, which flatters the
@@ -32,8 +39,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
 
 from qkv.config import write_json
 from qkv.errors import ConfigError, TrainingError
@@ -90,36 +95,84 @@ def train_fold(config: str | Path, out: Path, folds: int, fold: int, overrides: 
     return run_dir
 
 
-def score_fold(run_dir: Path, metric: str) -> dict:
-    """The finished run's final model on its held-out fold."""
+def score_fold(run_dirs: list[Path], metric: str, *, tta: bool = False) -> dict:
+    """The finished runs' final models on their (shared) held-out fold; several runs vote as an ensemble."""
     from qkv.run import load_run
-    from qkv.tasks.vision import evaluate_run
+    from qkv.tasks.image_inference import evaluate_run, load_members
 
-    cfg, model, artifacts = load_run(run_dir, device="cpu")
-    with torch.no_grad():
-        result = evaluate_run(cfg, model, artifacts, run_dir, split="valid")
+    cfg, model, artifacts = load_run(run_dirs[0], device="cpu")
+    others = load_members(run_dirs[1:], device="cpu")
+    result = evaluate_run(cfg, model, artifacts, run_dirs[0], split="valid", tta=tta, ensemble=others)
     return {"examples": result["examples"], metric: result[metric]}
 
 
+def summarize(per_fold: list[dict], metric: str) -> dict:
+    """Mean and standard deviation over folds, and the pooled (example-weighted) value."""
+    values = [f[metric] for f in per_fold]
+    examples = sum(f["examples"] for f in per_fold)
+    return {"per_fold": per_fold, "mean": statistics.fmean(values), "std": statistics.stdev(values),
+            "pooled": sum(f[metric] * f["examples"] for f in per_fold) / examples, "examples": examples}
+
+
+def check_variants(cfg, overrides: list[str], seeds: list[int] | None, tta: bool) -> None:
+    if seeds is not None:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"--seeds needs distinct seeds, got {seeds}")
+        if any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides):
+            raise ConfigError("--set train.seed: --seeds sets it for each run")
+    if (tta or (seeds and len(seeds) > 1)) and cfg.task != "image_classification":
+        raise ConfigError(f"--tta and ensembles (--seeds with more than one seed) need class probabilities: an "
+                          f"image_classification run, got task {cfg.task!r}")
+
+
 def cross_validate(config: str | Path, out: str | Path, *, folds: int, overrides: list[str] = (), jobs: int = 1,
-                   threads: int | None = None, device: str | None = None) -> dict:
-    """Train and score ``folds`` runs of ``config``; writes and returns OUT/cv.json's contents."""
+                   threads: int | None = None, device: str | None = None, seeds: list[int] | None = None,
+                   tta: bool = False) -> dict:
+    """Train and score ``folds`` runs of ``config``; writes and returns OUT/cv.json's contents.
+
+    ``seeds``: train every fold once per seed (train.seed), under OUT/seed_S/fold_k; each seed's
+    models are scored alone and, with more than one seed, as an ensemble (mean class probability).
+    ``tta``: score each of those again with test-time augmentation. The headline figures (``per_fold``,
+    ``mean``, ``std``, ``pooled``) are the whole recipe asked for (ensemble, with TTA if asked);
+    ``variants`` has every combination, all scored on the same held-out folds.
+    """
     overrides = list(overrides)
     cfg = check_config(config, overrides, folds)
+    check_variants(cfg, overrides, seeds, tta)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     metric, out, start = METRIC[cfg.task], Path(out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    plan = [(None, out)] if seeds is None else [(s, out / f"seed_{s}") for s in seeds]
+    work = [(seed, where, k) for seed, where in plan for k in range(folds)]
+
+    def train(item):
+        seed, where, k = item
+        where.mkdir(parents=True, exist_ok=True)
+        extra = [] if seed is None else [f"train.seed={seed}"]
+        return train_fold(config, where, folds, k, [*overrides, *extra], threads=threads, device=device)
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # the work happens in child processes
-        runs = list(pool.map(lambda k: train_fold(config, out, folds, k, overrides, threads=threads,
-                                                  device=device), range(folds)))
-    per_fold = [{"fold": k, "run_dir": str(run_dir), **score_fold(run_dir, metric)} for k, run_dir in enumerate(runs)]
-    values = [f[metric] for f in per_fold]
-    examples = sum(f["examples"] for f in per_fold)
+        trained = list(pool.map(train, work))
+    runs = [trained[i * folds:(i + 1) * folds] for i in range(len(plan))]  # runs[seed index][fold]
+    variants: dict[str, dict] = {}
+    for (seed, _), seed_runs in zip(plan, runs):
+        name = "single" if seed is None else f"seed_{seed}"
+        for suffix, with_tta in (("", False), ("+tta", True)) if tta else (("", False),):
+            variants[name + suffix] = summarize([{"fold": k, "run_dir": str(run_dir),
+                                                  **score_fold([run_dir], metric, tta=with_tta)}
+                                                 for k, run_dir in enumerate(seed_runs)], metric)
+    if len(plan) > 1:
+        for suffix, with_tta in (("", False), ("+tta", True)) if tta else (("", False),):
+            variants["ensemble" + suffix] = summarize(
+                [{"fold": k, "run_dirs": [str(r[k]) for r in runs],
+                  **score_fold([r[k] for r in runs], metric, tta=with_tta)} for k in range(folds)], metric)
+    headline = list(variants)[-1]
     result = {
-        "config": str(config), "overrides": overrides, "folds": folds, "metric": metric, "per_fold": per_fold,
-        "mean": statistics.fmean(values), "std": statistics.stdev(values),
-        "pooled": sum(f[metric] * f["examples"] for f in per_fold) / examples, "examples": examples,
+        "config": str(config), "overrides": overrides, "folds": folds, "metric": metric, "seeds": seeds, "tta": tta,
+        "recipe": headline, **variants[headline],
+        "variants": {name: {k: v for k, v in summary.items() if k != "per_fold"}
+                     | {"per_fold": [f[metric] for f in summary["per_fold"]]} for name, summary in variants.items()},
         "selection_on_held_out_fold": cfg.train.patience > 0,
         "seconds": round(time.perf_counter() - start, 1),
     }

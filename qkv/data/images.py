@@ -289,3 +289,20 @@ def augment(images: torch.Tensor, *, generator: torch.Generator, shift: float = 
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (N, 2, 3)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def shift_views(images: torch.Tensor, pixels: int = 1) -> list[torch.Tensor]:
+    """Test-time augmentation views: the images and their shifts by ``pixels`` left, right, up and down.
+
+    Zeros (the background of [0, 1] images, before normalisation) come in at the border, as in
+    ``augment``. (N, C, H, W) -> 5 tensors of (N, C, H, W).
+    """
+    if pixels < 1:
+        raise ValueError(f"pixels must be >= 1, got {pixels}")
+    p = pixels
+    left, right, up, down = (torch.zeros_like(images) for _ in range(4))
+    left[..., :, :-p] = images[..., :, p:]   # content moves left: column j shows column j + p
+    right[..., :, p:] = images[..., :, :-p]
+    up[..., :-p, :] = images[..., p:, :]
+    down[..., p:, :] = images[..., :-p, :]
+    return [images, left, right, up, down]

@@ -109,9 +109,10 @@ class ImageEmbeddingData(ImageData):
 
 @dataclass(frozen=True)
 class ImageDecode:
-    """Defaults for ``qkv classify --image`` / ``qkv attention``."""
+    """Defaults for ``qkv classify --image`` / ``qkv evaluate`` / ``qkv attention``."""
 
     batch_size: int = 256
+    tta: bool = False                # classify/evaluate: average over the image and its 4 one-pixel shifts
 
 
 @dataclass(frozen=True)
@@ -319,18 +320,21 @@ def forward_all(model, images: torch.Tensor, *, batch_size: int) -> torch.Tensor
     return torch.cat([model(chunk.to(device)).float() for chunk in images.split(batch_size)])
 
 
+def score_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
+    """Loss (mean negative log-likelihood), accuracy, macro-F1 and the confusion matrix (rows gold)."""
+    gold = labels.to(log_probs.device)
+    confusion = confusion_matrix(gold, log_probs.argmax(1), n_classes).cpu()
+    return {"loss": float(F.nll_loss(log_probs, gold)), **confusion_scores(confusion), "confusion_matrix": confusion}
+
+
 def score_classifier(model, images, labels, label_names, *, batch_size: int, confusion_path=None) -> dict:
     """Loss, accuracy, macro-F1; the confusion matrix (rows gold, columns predicted) to ``confusion_path``."""
     logits = forward_all(model, images, batch_size=batch_size)  # (N, C)
-    gold = labels.to(logits.device)
-    confusion = confusion_matrix(gold, logits.argmax(1), len(label_names)).cpu()
+    scores = score_log_probs(logits.log_softmax(-1), labels, len(label_names))
+    confusion = scores.pop("confusion_matrix")
     if confusion_path is not None:
         write_confusion(confusion_path, confusion, label_names)
-    return {"loss": float(F.cross_entropy(logits, gold)), **confusion_scores(confusion)}
-
-
-def read_confusion(path: Path) -> list[list[int]]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))["matrix"]
+    return scores
 
 
 def score_embedder(model, images, labels, cfg) -> dict:
@@ -345,65 +349,18 @@ def score_embedder(model, images, labels, cfg) -> dict:
 
 
 # -- library functions for the CLI --------------------------------------------------------------------
-def read_images_for(cfg, artifacts: ImageArtifacts, paths: list[str]) -> torch.Tensor:
-    """Image files -> normalised (N, C, H, W) at the run's size (resized, or rejected per data.resize)."""
+def read_raw_images(cfg, paths: list[str]) -> torch.Tensor:
+    """Image files -> (N, C, H, W) in [0, 1] at the run's size (resized, or rejected per data.resize)."""
     m = cfg.model
     arrays = [read_image(p, size=m.image_size, channels=m.channels, resize=cfg.data.resize) for p in paths]
     if not arrays:
         return torch.zeros(0, m.channels, m.image_size, m.image_size)
-    images = fit_images(np.stack(arrays), size=m.image_size, channels=m.channels, resize=False, name=paths[0])
-    return normalize(images, artifacts.mean, artifacts.std)
+    return fit_images(np.stack(arrays), size=m.image_size, channels=m.channels, resize=False, name=paths[0])
 
 
-def classify_images(cfg, model, artifacts: ImageArtifacts, paths: list[str]) -> list[tuple[str, float]]:
-    """(label, probability) of the most probable class of each image file, in order."""
-    if cfg.task != "image_classification":
-        raise CheckpointError(f"classify --image needs an 'image_classification' run, got {cfg.task!r}")
-    images = read_images_for(cfg, artifacts, paths)
-    if not len(images):
-        return []
-    with torch.no_grad():
-        probs = forward_all(model.eval(), images, batch_size=cfg.decode.batch_size).softmax(-1)
-    best_p, best = probs.max(-1)
-    return [(artifacts.label_names[int(c)], float(p)) for c, p in zip(best, best_p)]
-
-
-def evaluate_run(cfg, model, artifacts: ImageArtifacts, run_dir: str | Path, *, data: str | None = None,
-                 split: str = "test") -> dict:
-    """Metrics on the run's recorded ``split`` ("test" or "valid"; or on ``data``: an .npz or a class
-    folder with the run's labels).
-
-    A classification run also writes the confusion matrix to run_dir/confusion.json.
-    """
-    run_dir = Path(run_dir)
-    if split not in ("test", "valid"):
-        raise ConfigError(f"--split must be 'test' or 'valid', got {split!r}")
-    if data is None:
-        recorded = read_split(run_dir)
-        part = load_split_images(cfg, recorded)[split]
-        where = f"{recorded['source']} ({split} split of {run_dir / SPLIT})"
-        if not len(part):
-            raise ConfigError(f"{run_dir / SPLIT}: the {split} split is empty; pass --data FILE")
-    else:
-        m = cfg.model
-        part = load_images(data, size=m.image_size, channels=m.channels, resize=cfg.data.resize)
-        where = data
-        unknown = sorted(set(part.label_names) - set(artifacts.label_names))
-        if unknown:
-            raise DataError(f"{data}: label {unknown[0]!r} is not one of the run's classes {artifacts.label_names}")
-        remap = torch.tensor([artifacts.label_names.index(n) for n in part.label_names])
-        part = ImageSet(part.images, remap[part.labels], artifacts.label_names, data)
-    images = normalize(part.images, artifacts.mean, artifacts.std)
-    with torch.no_grad():
-        model.eval()
-        if cfg.task == "image_classification":
-            metrics = score_classifier(model, images, part.labels, artifacts.label_names,
-                                       batch_size=cfg.data.eval_batch_size, confusion_path=run_dir / CONFUSION)
-            metrics["labels"] = artifacts.label_names
-            metrics["confusion"] = read_confusion(run_dir / CONFUSION)
-        else:
-            metrics = score_embedder(model, images, part.labels, cfg)
-    return {"data": where, "examples": len(part), **metrics}
+def read_images_for(cfg, artifacts: ImageArtifacts, paths: list[str]) -> torch.Tensor:
+    """Image files -> normalised (N, C, H, W) at the run's size (resized, or rejected per data.resize)."""
+    return normalize(read_raw_images(cfg, paths), artifacts.mean, artifacts.std)
 
 
 for _name, _data, _make in (("image_classification", ImageData, ImageClassificationTask),
