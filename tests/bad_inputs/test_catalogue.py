@@ -181,6 +181,12 @@ CASES = {
                                                   ["empty", "class subfolders"]),
     "image_on_text_run": lambda t, r: (["classify", str(r["classification"]), "--image", str(_png(t, (8, 8)))],
                                        ["image"]),
+    "ensemble_of_another_task": lambda t, r: (["evaluate", str(r["image"]), "--ensemble", str(r["classification"])],
+                                              ["'classification' run"]),
+    "ensemble_run_missing": lambda t, r: (["evaluate", str(r["image"]), "--ensemble", str(t / "gone-run")],
+                                          ["gone-run"]),
+    "tta_on_text_run": lambda t, r: (["classify", str(r["classification"]), "--tta", "--input",
+                                      lines_file(t, b"good\n")], ["--tta"]),
     # inputs at inference
     "prompt_outside_vocab": lambda t, r: (["generate", str(r["lm"]), "--prompt", "\u6c34"], ["--prompt", "\u6c34"]),
     "bad_top_p": lambda t, r: (["generate", str(r["lm"]), "--top-p", "1.5"], ["--top-p"]),
