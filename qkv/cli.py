@@ -346,6 +346,15 @@ def _cmd_study(args: argparse.Namespace) -> None:
     print(json.dumps({"study": args.name, "report": str(report)}))
 
 
+def _add_ensemble_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                   help="image runs: more runs of the same classes; their class probabilities are averaged "
+                        "with RUN_DIR's (e.g. one recipe trained with several seeds)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="image runs: average over the image and its 4 one-pixel shifts (default: the run's "
+                        "decode.tta)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkv", description="Attention and the Transformer, end to end.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -405,12 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="translation: reference file, aligned with --src")
     p.add_argument("--beam", type=int)
     p.add_argument("--output", help="also write the hypotheses here")
-    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
-                   help="image runs: more runs of the same classes; their class probabilities are averaged "
-                        "with RUN_DIR's (e.g. one recipe trained with several seeds)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="image runs: average over the image and its 4 one-pixel shifts (default: the run's "
-                        "decode.tta)")
+    _add_ensemble_arguments(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -432,12 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image run: PNG/JPEG files to label instead; prints file<TAB>label<TAB>probability")
     p.add_argument("--output", help="default: stdout")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
-                   help="image runs: more runs of the same classes; their class probabilities are averaged "
-                        "with RUN_DIR's (e.g. one recipe trained with several seeds)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="image runs: average over the image and its 4 one-pixel shifts (default: the run's "
-                        "decode.tta)")
+    _add_ensemble_arguments(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_classify)
 
