@@ -160,3 +160,20 @@ def test_cv_ensembles_need_a_classifier(tmp_path, capsys):
     config = write_config(tmp_path / "embed.yaml", tiny_vision_config("image_embedding"))
     assert main(["cv", str(config), "--out", str(tmp_path / "cv"), "--tta"]) == 2
     assert "need class probabilities" in capsys.readouterr().err
+
+
+def test_decode_tta_in_the_run_config_is_the_default(two_seeds, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_seeds[0], run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["decode"]["tta"] is False  # recorded in every image run
+    config["decode"]["tta"] = True
+    (run / "config.json").write_text(json.dumps(config))
+    results = []
+    for flags in ([], ["--tta"], ["--no-tta"]):
+        assert main(["evaluate", str(run), *flags]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["tta"] is True and results[0]["loss"] == results[1]["loss"]
+    assert results[2]["tta"] is False and results[2]["loss"] != results[0]["loss"]
