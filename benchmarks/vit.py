@@ -2,8 +2,9 @@
 
 Both models have the same configuration and the same weights (copied into HF's names, and the
 logits checked equal, max abs difference < 1e-4, before anything is timed): pre-norm blocks, GELU,
-a class token, learned positions, a strided-convolution patch embedding, fp32, CPU, one torch
-thread, HF with its default SDPA attention. Configurations:
+a class token, learned positions, a strided-convolution patch embedding (qkv computes the same
+projection as unfold + matmul at CPU inference), fp32, CPU, one torch thread, HF with its default
+SDPA attention. Configurations:
 
     digits    the configs/digits-vit.yaml model: 8 x 8 x 1, patch 2 (16 patches + class token),
               d_model 64, 4 layers, 4 heads, d_ff 128, 10 classes; batch 64.

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from qkv.blocks import BlockConfig, DecoderBlock, EncoderBlock, wanted_layers
+from qkv.blocks import (
+    BlockConfig,
+    DecoderBlock,
+    EncoderBlock,
+    encoder_block_inference,
+    flat_inference_ready,
+    wanted_layers,
+)
 from qkv.layers import KVCache
 from qkv.masks import lengths_mask
 from qkv.positional import ALiBi, RotaryEmbedding
@@ -233,3 +240,30 @@ def test_wanted_layers(request_, n_layers, expected):
 def test_wanted_layers_rejects_missing_layers(request_, bad):
     with pytest.raises(ValueError, match=rf"return_attention names layers {bad}, but the stack has 3 layers"):
         wanted_layers(request_, 3)
+
+
+# ---------------------------------------------------------------- the flat inference path
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_encoder_block_inference_equals_the_module_path(activation, norm, bias):
+    torch.manual_seed(0)
+    block = EncoderBlock(config(norm_first=True, norm=norm, activation=activation, bias=bias)).eval()
+    for p in block.parameters():  # biases and norm weights away from their 0 / 1 init
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(B, T, 16)
+    assert flat_inference_ready(block)
+    with torch.inference_mode():
+        flat = encoder_block_inference(block, x.reshape(B * T, 16), B)
+        expected = block(x)
+    assert flat.shape == (B * T, 16)
+    torch.testing.assert_close(flat.view(B, T, 16), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["post-norm", "rope", "alibi", "gqa", "train"])
+def test_flat_inference_path_refuses_what_it_does_not_compute(change):
+    cfg = config(norm_first=change != "post-norm", n_kv_heads=2 if change == "gqa" else None)
+    block = EncoderBlock(cfg, **positions(change if change in ("rope", "alibi") else "none", cfg))
+    assert flat_inference_ready(block.eval()) is (change == "train")
+    assert not flat_inference_ready(block.train())

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from qkv.convert import vit_state_dict_to_hf
-from qkv.models.vit import ImageEmbedder, PatchEmbedding, ViT, ViTConfig, patchify, resize_grid, sincos_2d
+from qkv.models.vit import (
+    ImageEmbedder,
+    PatchEmbedding,
+    ViT,
+    ViTConfig,
+    class_token_block,
+    patchify,
+    resize_grid,
+    sincos_2d,
+)
 from qkv.viz_image import attention_rollout, head_mean, image_attention, patch_maps
 
 
@@ -80,6 +89,71 @@ def test_class_token_only_last_layer_equals_the_full_stack(n_layers):
         out.square().sum().backward(retain_graph=True)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def randomised(model: ViT) -> ViT:
+    """Every parameter random, biases and norm weights included (the init leaves biases at zero)."""
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("overrides", [{}, {"n_heads": 1}, {"norm": "rmsnorm", "activation": "swiglu"}],
+                         ids=["default", "one-head", "rmsnorm-swiglu"])
+def test_class_token_block_equals_the_full_block_with_biases(overrides, train):
+    torch.manual_seed(0)
+    model = randomised(ViT(tiny(**overrides))).train(train)
+    block, x = model.layers[-1], torch.randn(3, 17, 32, requires_grad=True)
+    fast, full = class_token_block(block, x), block(x)[:, :1]
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    inputs = [x, *block.parameters()]
+    grads = [torch.autograd.grad(out.square().sum(), inputs) for out in (fast, full)]
+    for a, b in zip(*grads):  # the same gradients reach the input and every parameter
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_class_token_block_drops_attention_weights_like_the_full_block():
+    torch.manual_seed(0)
+    model = randomised(ViT(tiny(attn_dropout=0.5))).train()
+    block, x = model.layers[-1], torch.randn(3, 17, 32)
+    attn = block.self_attn
+    torch.manual_seed(1)
+    fast = class_token_block(block, x)
+    # reference: project every key and value, drop the class token's weights with the same mask
+    h = block.attn_residual.norm(x)
+    q, k, v = attn.qkv_proj(h).view(3, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh) each
+    weights = torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) / 8 ** 0.5, dim=-1).squeeze(2)  # (B, H, T)
+    torch.manual_seed(1)
+    heads = torch.nn.functional.dropout(weights, p=0.5)[:, :, None] @ v  # (B, H, 1, Dh)
+    z0 = x[:, :1] + attn.out_proj(heads.transpose(1, 2).reshape(3, 1, 32))
+    torch.testing.assert_close(fast, z0 + block.ff(block.ff_residual.norm(z0)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_inference_path_equals_the_module_path(pooling):
+    torch.manual_seed(0)
+    model = randomised(ViT(tiny(n_layers=3, pooling=pooling))).eval()
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():  # autograd off: flat blocks, the matmul patch projection
+        flat, flat_hidden = model(images), model.encode(images)
+    with torch.enable_grad():  # the module path and the configured convolution
+        logits, hidden = model(images), model.encode(images)
+    torch.testing.assert_close(flat, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat_hidden, hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_embedding_uses_the_matmul_for_cpu_inference_only(monkeypatch):
+    embed = PatchEmbedding(3, 4, 16, kind="conv")
+    images = torch.randn(2, 3, 8, 8)
+    calls = []
+    monkeypatch.setattr("qkv.models.vit.patchify", lambda *a: calls.append(1) or patchify(*a))
+    training = embed(images)
+    assert not calls  # autograd on: the configured convolution
+    with torch.inference_mode():
+        inference = embed(images)
+    assert calls  # autograd off on CPU: the matmul
+    torch.testing.assert_close(inference, training, atol=1e-5, rtol=1e-5)
 
 
 def test_mean_pooling_has_no_class_token_and_averages_the_patches():
