@@ -17,6 +17,8 @@ SDPA attention. Configurations:
               fused is what qkv's Trainer and HF's Trainer (torch >= 2.8) use),
               dropout off in both (so the two compute the same thing).
     infer     images/s of a forward pass in eval mode under torch.inference_mode.
+    infer_fresh  the same in a fresh process that has run nothing else (what `qkv classify` meets):
+              glibc's heap is not yet warm there, so page faults weigh in on both sides.
 
 Each comparison line's ours_s / baseline_s are the median seconds of one batch (the two timed in
 turns); images_per_s_ours / images_per_s_baseline say the same as throughput; ratio > 1: qkv is faster.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from _common import emit, emit_info, parser, time_fns
+from _common import emit, emit_info, parser, run_isolated, time_fns
 
 from qkv.convert import vit_state_dict_to_hf
 from qkv.models.vit import ViT, ViTConfig
@@ -103,6 +105,19 @@ def bench(name: str, cfg: ViTConfig, batch: int, *, repeats: int) -> None:
              images_per_s_ours=round(batch / ours_s, 1), images_per_s_baseline=round(batch / hf_s, 1))
 
 
+def fresh_inference(name: str, repeats: int) -> tuple[float, float]:
+    """Median inference seconds (ours, HF) in this process, before anything else has run in it."""
+    torch.set_num_threads(1)
+    cfg, batch = CONFIGS[name]
+    torch.manual_seed(0)
+    ours = ViT(cfg)
+    hf = hf_model(cfg)
+    hf.load_state_dict(vit_state_dict_to_hf(ours), strict=True)
+    images = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
+    return tuple(time_fns(inferer(ours, images, ours_logits), inferer(hf, images, hf_logits), warmup=2,
+                          repeats=repeats))
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(1)
@@ -110,6 +125,9 @@ def main() -> None:
     for name in names:
         cfg, batch = CONFIGS[name]
         bench(name, cfg, batch, repeats=5 if args.quick else 20)
+        ours_s, hf_s = run_isolated(fresh_inference, name, 5 if args.quick else 20)
+        emit(f"vit_{name}_infer_fresh", ours_s, "transformers.ViTForImageClassification", hf_s, batch=batch,
+             images_per_s_ours=round(batch / ours_s, 1), images_per_s_baseline=round(batch / hf_s, 1))
 
 
 if __name__ == "__main__":
