@@ -56,6 +56,10 @@ def load_members(run_dirs, *, device) -> list[Member]:
     return [Member(*load_run(d, device=device, task="image_classification"), Path(d)) for d in run_dirs]
 
 
+def _image_shape(member: Member) -> tuple[int, int]:
+    return member.cfg.model.image_size, member.cfg.model.channels
+
+
 def check_members(members: list[Member], *, split: str | None = None) -> None:
     """ConfigError unless the runs can vote together: the same classes (in the same order), image size
     and channels, and, when a recorded ``split`` is scored, the same images in it (so no member has
@@ -65,10 +69,9 @@ def check_members(members: list[Member], *, split: str | None = None) -> None:
         if m.artifacts.label_names != first.artifacts.label_names:
             raise ConfigError(f"{m.run_dir}: its classes {m.artifacts.label_names} differ from "
                               f"{first.run_dir}'s {first.artifacts.label_names}; an ensemble needs the same classes")
-        shape = lambda c: (c.model.image_size, c.model.channels)  # noqa: E731
-        if shape(m.cfg) != shape(first.cfg):
-            raise ConfigError(f"{m.run_dir}: images of {shape(m.cfg)} (size, channels), but {first.run_dir} "
-                              f"takes {shape(first.cfg)}")
+        if _image_shape(m) != _image_shape(first):
+            raise ConfigError(f"{m.run_dir}: images of {_image_shape(m)} (size, channels), but {first.run_dir} "
+                              f"takes {_image_shape(first)}")
         if split is not None and read_split(m.run_dir)[split] != read_split(first.run_dir)[split]:
             raise ConfigError(f"{m.run_dir}: its recorded {split} split differs from {first.run_dir}'s (another "
                               "source, seed, fraction or fold); an ensemble is scored on images none of its "
