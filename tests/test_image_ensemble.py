@@ -111,6 +111,12 @@ def test_an_ensemble_must_share_the_split_and_the_task(two_seeds, tmp_path, caps
     assert main(["evaluate", str(two_seeds[0]), "--ensemble", str(other)]) == 2
     err = capsys.readouterr().err
     assert "recorded test split differs" in err and str(other) in err and "Traceback" not in err
+    bigger = tmp_path / "bigger"  # the same digits resized to 16 x 16: another model input
+    assert main(["train", str(config), "--out", str(bigger), "--quiet", "--threads", "1", "--set", "train.max_steps=1",
+                 "--set", "model.image_size=16", "--set", "data.split_seed=0"]) == 0
+    assert main(["classify", str(two_seeds[0]), "--ensemble", str(bigger), "--image",
+                 str(digit_pngs(tmp_path, count=1)[0])]) == 2
+    assert "images of (16, 1) (size, channels)" in capsys.readouterr().err
     embedding = tmp_path / "embedding"
     config = write_config(tmp_path / "embed.yaml", {**tiny_vision_config("image_embedding"),
                                                     "train": {**tiny_vision_config()["train"], "max_steps": 1}})
