@@ -3,7 +3,8 @@
 Absolute encodings are added to the token embeddings (B, T, D):
     sinusoidal (sec. 3.5, Eq. PE) -- fixed, bounded in [-1, 1], defined for any position;
     learned (Gehring et al. 2017; BERT, GPT-2) -- one trained vector per position up to max_len.
-Relative schemes act inside attention, on q and k or on the scores:
+Relative schemes act inside attention, on q and k or on the scores; each is a
+``PositionScheme``, the one object MultiHeadAttention takes as ``position=`` (style rule 18):
     RoPE (Su et al. 2021) -- rotates q and k so that q_m . k_n depends on m - n only;
     ALiBi (Press et al. 2022) -- adds -slope_h * distance to the scores; no parameters.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def sinusoidal_table(n_positions: int, d_model: int, *, base: float = 10000.0) -> torch.Tensor:
@@ -78,7 +79,24 @@ class LearnedPositionalEmbedding(nn.Module):
         return self.embedding(positions)
 
 
-class RotaryEmbedding(nn.Module):
+class PositionScheme(nn.Module):
+    """Relative positions inside attention: rotate q and k, or add a bias to the scores.
+
+    scores = rotate(q) rotate(k)^T / sqrt(d_k) + bias; a scheme overrides one step or both,
+    the defaults leave attention as it is. Queries sit at positions offset .. offset+T-1 (a KV
+    cache gives offset = the positions already seen), keys at 0 .. S-1.
+    """
+
+    def rotate(self, q: Tensor, k: Tensor, *, offset: int) -> tuple[Tensor, Tensor]:
+        """q (B, H, T, Dh), k (B, Hkv, T, Dh): the new queries and keys at offset .. offset+T-1."""
+        return q, k
+
+    def bias(self, T: int, S: int, *, offset: int) -> Tensor | None:
+        """(H, T, S) added to the scores, or None for no bias."""
+        return None
+
+
+class RotaryEmbedding(PositionScheme):
     """RoPE (Su et al. 2021, Eq. 34): rotate each pair of features by angle pos * theta_i.
 
     Applied to q and k of shape (B, H, T, Dh) before the dot product, so that
@@ -112,6 +130,10 @@ class RotaryEmbedding(nn.Module):
         rotated_half = torch.cat([-x2, x1], dim=-1)  # (B, H, T, Dh)
         return x * cos + rotated_half * sin
 
+    def rotate(self, q: Tensor, k: Tensor, *, offset: int) -> tuple[Tensor, Tensor]:
+        """q (B, H, T, Dh), k (B, Hkv, T, Dh) -> both rotated at positions offset .. offset+T-1."""
+        return self(q, offset=offset), self(k, offset=offset)
+
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     """Press et al. 2022, sec. 3: geometric slopes 2^(-8/n), 2^(-16/n), ... for n heads. (H,).
@@ -131,7 +153,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes)
 
 
-class ALiBi(nn.Module):
+class ALiBi(PositionScheme):
     """Attention with Linear Biases: scores += -slope_h * |i - j|. No parameters, no embeddings."""
 
     def __init__(self, n_heads: int):
@@ -148,3 +170,7 @@ class ALiBi(nn.Module):
         j = torch.arange(S, device=self.slopes.device)[None, :]
         distance = (i - j).abs().float()  # (T, S)
         return -self.slopes[:, None, None] * distance  # (H, T, S)
+
+    def bias(self, T: int, S: int, *, offset: int) -> Tensor:
+        """-slope_h * |i - j| for queries i = offset .. offset+T-1, keys j = 0 .. S-1. (H, T, S)."""
+        return self(T, S, offset=offset)

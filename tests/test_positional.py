@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
+from qkv.models.embedding import POSITIONAL, position_scheme
 from qkv.positional import (
     ALiBi,
     LearnedPositionalEmbedding,
+    PositionScheme,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
     alibi_slopes,
@@ -160,3 +162,44 @@ def test_alibi_bias_is_minus_slope_times_distance(T, S, offset):
             for s in range(S):
                 assert bias[h, t, s].item() == pytest.approx(-slopes[h].item() * abs(start + t - s))
     assert list(alibi.parameters()) == []
+
+
+# ---------------------------------------------------------------- the position slot (style rule 18)
+
+
+def test_the_base_scheme_changes_nothing():
+    scheme = PositionScheme()
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
+    q2, k2 = scheme.rotate(q, k, offset=5)
+    assert q2 is q and k2 is k and scheme.bias(3, 8, offset=5) is None
+
+
+@pytest.mark.parametrize("offset", [0, 3, 20])  # 20 + T goes past the initial table
+def test_rope_rotate_is_bit_equal_to_its_forward_on_q_and_k(offset):
+    rope = RotaryEmbedding(8, max_len=16)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)  # grouped-query: fewer key heads
+    q2, k2 = rope.rotate(q, k, offset=offset)
+    assert torch.equal(q2, rope(q, offset=offset)) and torch.equal(k2, rope(k, offset=offset))
+    assert not torch.equal(q2, q) and rope.bias(5, 5 + offset, offset=offset) is None
+
+
+@pytest.mark.parametrize("T, S, offset", [(4, 4, 0), (1, 6, 5), (3, 5, 2), (2, 5, 1)])
+def test_alibi_bias_is_bit_equal_to_its_forward(T, S, offset):
+    alibi = ALiBi(6)
+    assert torch.equal(alibi.bias(T, S, offset=offset), alibi(T, S, offset=offset))
+    q, k = torch.randn(1, 6, T, 8), torch.randn(1, 6, T, 8)
+    assert alibi.rotate(q, k, offset=offset) == (q, k)
+
+
+def test_position_scheme_factory():
+    kw = dict(n_heads=4, head_dim=8, max_len=32)
+    rope = position_scheme("rope", causal=False, **kw)
+    assert isinstance(rope, RotaryEmbedding) and rope.head_dim == 8 and rope.cos.shape == (32, 8)
+    alibi = position_scheme("alibi", causal=True, **kw)
+    assert isinstance(alibi, ALiBi) and alibi.slopes.shape == (4,)
+    for kind in ("sinusoidal", "learned", "none"):
+        assert position_scheme(kind, causal=False, **kw) is None
+    assert all(isinstance(position_scheme(kind, causal=c, **kw), PositionScheme | type(None))
+               for kind in POSITIONAL for c in (False, True))
+    with pytest.raises(ValueError, match="positional must be one of"):
+        position_scheme("rotary", causal=False, **kw)

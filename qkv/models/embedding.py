@@ -1,4 +1,4 @@
-"""Token embeddings and absolute positions, shared by the model families."""
+"""Token embeddings, absolute positions and relative position schemes, shared by the model families."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import math
 import torch
 from torch import nn
 
-from qkv.positional import ALiBi, LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding
+from qkv.positional import (
+    ALiBi,
+    LearnedPositionalEmbedding,
+    PositionScheme,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+)
 
 POSITIONAL = ("sinusoidal", "learned", "rope", "alibi", "none")
 
@@ -24,6 +30,20 @@ def absolute_positions(kind: str, d_model: int, max_len: int) -> nn.Module | Non
         return SinusoidalPositionalEncoding(d_model, max_len)
     if kind == "learned":
         return LearnedPositionalEmbedding(max_len, d_model)
+    return None
+
+
+def position_scheme(kind: str, *, n_heads: int, head_dim: int, max_len: int, causal: bool) -> PositionScheme | None:
+    """The scheme MultiHeadAttention takes as ``position=``; None for the absolute kinds and 'none'.
+
+    ``causal``: the stack's self-attention is causal (a decoder); a scheme may bucket the two
+    directions differently there.
+    """
+    check_positional(kind)
+    if kind == "rope":
+        return RotaryEmbedding(head_dim, max_len=max_len)
+    if kind == "alibi":
+        return ALiBi(n_heads)
     return None
 
 
