@@ -6,7 +6,8 @@ Absolute encodings are added to the token embeddings (B, T, D):
 Relative schemes act inside attention, on q and k or on the scores; each is a
 ``PositionScheme``, the one object MultiHeadAttention takes as ``position=`` (style rule 18):
     RoPE (Su et al. 2021) -- rotates q and k so that q_m . k_n depends on m - n only;
-    ALiBi (Press et al. 2022) -- adds -slope_h * distance to the scores; no parameters.
+    ALiBi (Press et al. 2022) -- adds -slope_h * distance to the scores; no parameters;
+    T5 (Raffel et al. 2020, sec. 2.1) -- adds a learned scalar per head and distance bucket.
 """
 
 from __future__ import annotations
@@ -174,3 +175,69 @@ class ALiBi(PositionScheme):
     def bias(self, T: int, S: int, *, offset: int) -> Tensor:
         """-slope_h * |i - j| for queries i = offset .. offset+T-1, keys j = 0 .. S-1. (H, T, S)."""
         return self(T, S, offset=offset)
+
+
+def t5_bucket(relative_position: Tensor, *, bidirectional: bool, num_buckets: int = 32,
+              max_distance: int = 128) -> Tensor:
+    """Raffel et al. 2020, sec. 2.1 (Mesh TensorFlow, Hugging Face ``T5Attention``): distance -> bucket.
+
+    relative_position = memory_position - query_position (integer, any shape). Bidirectional:
+    half the buckets for keys after the query (n > 0), half for the others, on |n|; causal:
+    n = max(-n, 0), all buckets for the past. Within its half, with max_exact = buckets // 2:
+        n < max_exact  ->  bucket n                                        (one per distance)
+        else           ->  max_exact + floor(log(n / max_exact) / log(max_distance / max_exact)
+                                             * (buckets - max_exact)),  at most buckets - 1
+    so every distance >= max_distance shares the last bucket. Same shape, int64, in [0, num_buckets).
+    """
+    buckets = torch.zeros_like(relative_position, dtype=torch.long)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    # clamp: log(0) would be -inf, and the small distances take the exact branch anyway
+    far = distance.clamp(min=max_exact).float()
+    log_bucket = max_exact + (torch.log(far / max_exact) / math.log(max_distance / max_exact)
+                              * (num_buckets - max_exact)).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, log_bucket)
+
+
+class T5RelativeBias(PositionScheme):
+    """T5's relative position bias (Raffel et al. 2020, sec. 2.1): scores += b_h(bucket(j - i)).
+
+    One learned scalar per (bucket, head), ``nn.Embedding(num_buckets, n_heads)``, looked up by
+    the bucketed distance from query i to key j (``t5_bucket``). ``bidirectional=True`` for an
+    encoder, False for a causal decoder. A stack shares one module across its layers, as T5 does.
+    """
+
+    def __init__(self, n_heads: int, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128):
+        super().__init__()
+        half = num_buckets // 2 if bidirectional else num_buckets
+        if n_heads < 1:
+            raise ValueError(f"n_heads must be >= 1, got {n_heads}")
+        if half < 2:
+            raise ValueError(f"num_buckets={num_buckets} is too few for bidirectional={bidirectional} "
+                             f"(need >= {4 if bidirectional else 2})")
+        if max_distance <= half // 2:
+            raise ValueError(f"max_distance={max_distance} must exceed the {half // 2} exact buckets "
+                             f"(num_buckets={num_buckets}, bidirectional={bidirectional})")
+        self.n_heads, self.bidirectional = n_heads, bidirectional
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.embedding = nn.Embedding(num_buckets, n_heads)
+        nn.init.normal_(self.embedding.weight, std=0.02)  # small next to scaled scores, as our learned positions
+
+    def bias(self, T: int, S: int, *, offset: int) -> Tensor:
+        """b_h(bucket(j - i)) for queries i = offset .. offset+T-1, keys j = 0 .. S-1. (H, T, S)."""
+        device = self.embedding.weight.device
+        query = torch.arange(offset, offset + T, device=device)[:, None]  # (T, 1)
+        key = torch.arange(S, device=device)[None, :]  # (1, S)
+        buckets = t5_bucket(key - query, bidirectional=self.bidirectional,
+                            num_buckets=self.num_buckets, max_distance=self.max_distance)  # (T, S)
+        return self.embedding(buckets).permute(2, 0, 1)  # (T, S, H) -> (H, T, S)
+
+    def extra_repr(self) -> str:
+        return (f"n_heads={self.n_heads}, bidirectional={self.bidirectional}, "
+                f"num_buckets={self.num_buckets}, max_distance={self.max_distance}")

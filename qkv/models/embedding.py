@@ -13,9 +13,10 @@ from qkv.positional import (
     PositionScheme,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
+    T5RelativeBias,
 )
 
-POSITIONAL = ("sinusoidal", "learned", "rope", "alibi", "none")
+POSITIONAL = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
 
 
 def check_positional(kind: str) -> None:
@@ -36,14 +37,16 @@ def absolute_positions(kind: str, d_model: int, max_len: int) -> nn.Module | Non
 def position_scheme(kind: str, *, n_heads: int, head_dim: int, max_len: int, causal: bool) -> PositionScheme | None:
     """The scheme MultiHeadAttention takes as ``position=``; None for the absolute kinds and 'none'.
 
-    ``causal``: the stack's self-attention is causal (a decoder); a scheme may bucket the two
-    directions differently there.
+    ``causal``: the stack's self-attention is causal (a decoder); T5 then buckets the past only,
+    an encoder's T5 bias is bidirectional. Build one per stack: an encoder and a decoder differ.
     """
     check_positional(kind)
     if kind == "rope":
         return RotaryEmbedding(head_dim, max_len=max_len)
     if kind == "alibi":
         return ALiBi(n_heads)
+    if kind == "t5":
+        return T5RelativeBias(n_heads, bidirectional=not causal)
     return None
 
 
@@ -54,6 +57,8 @@ def relative_positions(kind: str, n_heads: int, head_dim: int, max_len: int) -> 
         return {"rope": RotaryEmbedding(head_dim, max_len=max_len)}
     if kind == "alibi":
         return {"alibi": ALiBi(n_heads)}
+    if kind == "t5":  # never silently position-free: T5 exists only as a position= scheme
+        raise ValueError("positional='t5' needs the position= slot: build it with position_scheme()")
     return {}
 
 
