@@ -1,4 +1,4 @@
-"""Metric-learning losses for sentence embeddings: triplet losses and in-batch contrastive (InfoNCE).
+"""Losses: metric learning for embeddings (triplet, InfoNCE), and the output projection + cross-entropy fused.
 
 * FaceNet (Schroff et al. 2015, sec. 3, Eq. 1): a triplet (anchor a, positive p of a's class,
   negative n of another class) costs ``max(d(a, p) - d(a, n) + margin, 0)``.
@@ -16,6 +16,10 @@ Distances: ``"cosine"`` is ``1 - cos(a, b)`` (in [0, 2]), ``"euclidean"`` is ``|
 Every loss is a mean over what is valid in the batch; a batch with nothing valid (no anchor
 with both a positive and a negative) gives 0 that is still connected to the graph, so
 ``backward`` works and gradients are zero, never NaN. Half-precision inputs are computed in float32.
+
+``chunked_projection_cross_entropy`` is the token-level loss of a sequence model, equal to
+``F.linear`` then ``F.cross_entropy`` with label smoothing, computed a chunk of rows at a time so
+that the (N, V) logits (and their gradient) never exist at once.
 """
 
 from __future__ import annotations
@@ -149,3 +153,96 @@ def in_batch_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *,
 def pair_labels(n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """Labels (2N,) for a batch of N first views followed by their N second views: [0..N-1, 0..N-1]."""
     return torch.arange(n, device=device).repeat(2)
+
+
+# --- the output projection and label-smoothed cross-entropy, fused and chunked ----------------------
+
+def chunked_projection_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                                     ignore_index: int, label_smoothing: float,
+                                     chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Mean label-smoothed cross-entropy of logits = hidden W^T, never holding the (N, V) logits.
+
+    hidden (N, D), weight (V, D) (the output projection, no bias), targets (N,) -> (loss, n_tokens):
+    the same value as ``F.cross_entropy(F.linear(hidden, weight).float(), targets,
+    ignore_index=ignore_index, label_smoothing=eps, reduction="sum") / max(n_tokens, 1)``, i.e.
+    qkv.tasks.translation.sequence_loss, with n_tokens the targets that are not ``ignore_index``.
+    Logits are computed in hidden's dtype and reduced in float32, as there; float64 stays float64.
+    Smoothing is F.cross_entropy's (Szegedy et al. 2016, sec. 7; sec. 5.4 of the paper), per token::
+
+        loss_i = (1 - eps) * (lse_i - z_iy) + eps * (lse_i - mean_j z_ij),  lse_i = log sum_j exp z_ij
+
+    Rows whose target is ``ignore_index`` are dropped before the projection (they cost nothing).
+    The rest go ``chunk_size`` rows at a time; the backward pass recomputes each chunk's logits,
+    so memory is O(chunk_size * V) instead of O(N * V). A batch with no real target gives loss 0
+    (connected to the graph: gradients are zeros) and n_tokens 0.
+    """
+    _check_projection(hidden, weight, targets, label_smoothing, chunk_size)
+    keep = (targets != ignore_index).nonzero().squeeze(1)  # (N_real,)
+    n_tokens = int(keep.numel())
+    loss_sum = _ChunkedProjectionCE.apply(hidden, weight, targets, keep, float(label_smoothing), int(chunk_size))
+    return loss_sum / max(n_tokens, 1), n_tokens
+
+
+def _check_projection(hidden, weight, targets, label_smoothing, chunk_size) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (N, D) and weight (V, D) with one D, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.is_floating_point():
+        raise ValueError(f"targets must be integer ids of shape (N,) = ({hidden.shape[0]},), got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(n, D), (V, D) -> float32 (float64 for float64) logits (n, V), computed in hidden's dtype as the plain path does."""
+    logits = F.linear(hidden, weight)  # (n, V)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+class _ChunkedProjectionCE(torch.autograd.Function):
+    """Summed smoothed cross-entropy over rows ``keep`` of hidden; backward recomputes each chunk's logits.
+
+    d loss_i / d z_ij = softmax(z_i)_j - (1 - eps) [j = y_i] - eps / V, then
+    d hidden_i = dz_i W and d W = sum_i dz_i^T hidden_i, chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, keep, eps: float, chunk_size: int):
+        V = weight.shape[0]
+        rows, labels = hidden.index_select(0, keep), targets.index_select(0, keep)  # (N_real, D), (N_real,)
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        lse_parts = []
+        for start in range(0, rows.shape[0], chunk_size):
+            z = _chunk_logits(rows[start:start + chunk_size], weight)  # (n, V)
+            y = labels[start:start + chunk_size]
+            lse = z.logsumexp(dim=-1)  # (n,)
+            picked = z.gather(1, y[:, None]).squeeze(1)  # (n,)
+            loss = lse - (1.0 - eps) * picked - (eps / V) * z.sum(dim=-1)  # (n,)
+            total = total + loss.sum()
+            lse_parts.append(lse)
+        lse = torch.cat(lse_parts) if lse_parts else total.new_zeros(0)  # (N_real,)
+        ctx.save_for_backward(hidden, weight, labels, keep, lse)
+        ctx.eps, ctx.chunk_size = eps, chunk_size
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, labels, keep, lse = ctx.saved_tensors
+        eps, chunk_size, V = ctx.eps, ctx.chunk_size, weight.shape[0]
+        rows = hidden.index_select(0, keep)  # (N_real, D)
+        grad_rows = torch.empty_like(rows)
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        for start in range(0, rows.shape[0], chunk_size):
+            h, y = rows[start:start + chunk_size], labels[start:start + chunk_size]  # (n, D), (n,)
+            z = _chunk_logits(h, weight)  # (n, V), recomputed
+            dz = (z - lse[start:start + chunk_size, None]).exp_().sub_(eps / V)  # softmax - eps / V
+            dz.scatter_add_(1, y[:, None], dz.new_full((h.shape[0], 1), eps - 1.0))  # - (1 - eps) at y
+            dz = dz.mul_(grad_total).to(hidden.dtype)  # (n, V)
+            grad_rows[start:start + chunk_size] = dz @ weight  # (n, D)
+            grad_weight.addmm_(dz.T.to(grad_weight.dtype), h.to(grad_weight.dtype))  # (V, D)
+        grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None

@@ -1,4 +1,5 @@
-"""Metric-learning losses (qkv.losses) against brute-force loops over triplets and anchors, in float64."""
+"""qkv.losses: metric-learning losses against brute-force loops over triplets and anchors, in float64; the
+fused chunked projection + cross-entropy against F.linear + F.cross_entropy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from qkv.losses import (
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
+    chunked_projection_cross_entropy,
     in_batch_contrastive_loss,
     pair_labels,
     pairwise_distances,
@@ -194,3 +196,93 @@ def test_bad_arguments():
         in_batch_contrastive_loss(x, labels, temperature=0.0)
     with pytest.raises(ValueError, match="one \\(B, D\\) shape"):
         triplet_loss(x, x[:2], x, margin=0.1)
+
+
+# --- the fused, chunked output projection + label-smoothed cross-entropy ---------------------------
+
+
+def projection_batch(n: int, d: int, v: int, dtype: torch.dtype, *, pad_every: int = 4, seed: int = 0):
+    """hidden (n, d), weight (v, d), targets (n,) with every pad_every-th target = PAD (0)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=g, dtype=torch.float64) / d ** 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(1, v, (n,), generator=g)
+    targets[::pad_every] = 0
+    return hidden, weight, targets
+
+
+def plain_projection_loss(hidden, weight, targets, *, pad_id, label_smoothing):
+    """The unfused path, qkv.tasks.translation.sequence_loss's arithmetic (float64 kept): (mean loss, n_tokens)."""
+    n_tokens = int((targets != pad_id).sum())
+    logits = F.linear(hidden, weight)  # (N, V)
+    loss_sum = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, ignore_index=pad_id,
+                               label_smoothing=label_smoothing, reduction="sum")
+    return loss_sum / max(n_tokens, 1), n_tokens
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_size", [7, 10, 64])  # 7 does not divide the 30 real rows, 10 does; 64 > N
+def test_chunked_projection_ce_equals_plain_loss_and_gradients(dtype, tol, label_smoothing, chunk_size):
+    hidden, weight, targets = projection_batch(40, 8, 23, dtype)
+    loss, n = chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0,
+                                               label_smoothing=label_smoothing, chunk_size=chunk_size)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref, ref_n = plain_projection_loss(hidden, weight, targets, pad_id=0, label_smoothing=label_smoothing)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    assert n == ref_n == 30
+    assert loss.dtype == ref.dtype
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert float(grads[0][targets == 0].abs().max()) == 0.0  # padding rows get no gradient
+
+
+def test_chunked_projection_ce_equals_sequence_loss_with_a_scaled_upstream_gradient():
+    from qkv.tasks.translation import sequence_loss
+
+    hidden, weight, targets = projection_batch(3 * 11, 6, 17, torch.float32, pad_every=5, seed=1)
+    loss, n = chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.1,
+                                               chunk_size=4)
+    ref, ref_n = sequence_loss(F.linear(hidden, weight).view(3, 11, 17), targets.view(3, 11), pad_id=0,
+                               label_smoothing=0.1)
+    assert n == ref_n
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    got = torch.autograd.grad(2.5 * loss, (hidden, weight))
+    want = torch.autograd.grad(2.5 * ref, (hidden, weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_projection_ce_with_tied_weights_accumulates_both_uses():
+    """A tied output projection (sec. 3.4) is also the embedding: its gradient sums both uses."""
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(1, 13, (9,), generator=g)
+    targets = torch.randint(1, 13, (9,), generator=g)
+    fused, _ = chunked_projection_cross_entropy(table[ids].tanh(), table, targets, ignore_index=0,
+                                                label_smoothing=0.1, chunk_size=2)
+    plain, _ = plain_projection_loss(table[ids].tanh(), table, targets, pad_id=0, label_smoothing=0.1)
+    torch.testing.assert_close(torch.autograd.grad(fused, table)[0], torch.autograd.grad(plain, table)[0])
+
+
+def test_chunked_projection_ce_all_padding_gives_zero_and_zero_gradients():
+    hidden, weight, _ = projection_batch(6, 4, 9, torch.float32)
+    loss, n = chunked_projection_cross_entropy(hidden, weight, torch.zeros(6, dtype=torch.long), ignore_index=0,
+                                               label_smoothing=0.1)
+    loss.backward()
+    assert n == 0 and float(loss.detach()) == 0.0
+    assert float(hidden.grad.abs().sum()) == 0.0 and float(weight.grad.abs().sum()) == 0.0
+
+
+def test_chunked_projection_ce_rejects_bad_arguments():
+    hidden, weight, targets = projection_batch(6, 4, 9, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        chunked_projection_cross_entropy(hidden, weight[:, :3], targets, ignore_index=0, label_smoothing=0.0)
+    with pytest.raises(ValueError, match="targets"):
+        chunked_projection_cross_entropy(hidden, weight, targets[:5], ignore_index=0, label_smoothing=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.0, chunk_size=0)
