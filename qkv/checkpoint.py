@@ -22,7 +22,7 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qkv.errors import CheckpointError
-from qkv.fileio import atomic_write_bytes, fsync_dir, fsync_file
+from qkv.fileio import (
+    atomic_write_bytes,
+    fsync_dir,
+    fsync_file,
+    replace_bytes,
+    temp_beside,
+    temp_dir_beside,
+    write_error,
+)
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 META = "meta.json"
+_STEP_NAME = re.compile(r"step_[0-9]+")
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -55,20 +64,78 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path, *,
                  metadata: dict[str, str] | None = None) -> None:
-    """Atomically write the model's weights (or a full state dict, e.g. gathered from FSDP) as safetensors."""
+    """Atomically write the model's weights (or a full state dict, e.g. gathered from FSDP) as safetensors.
+
+    A failed write (a full disk, a read-only folder) is a WriteError naming ``path``, whatever
+    safetensors raised; nothing is left under ``path`` or a temporary name.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path)  # 0o666 & ~umask, as any new file
     try:
         tensors = model if isinstance(model, dict) else unique_state_dict(model)
-        save_file(tensors, tmp, metadata=metadata)
-        fsync_file(Path(tmp))
+        _save_file(tensors, tmp, metadata=metadata, shown=path)
+        fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, *, metadata: dict[str, str] | None, shown: Path) -> None:
+    """safetensors' save_file, with its I/O errors (SafetensorError "... (os error 28)") as OSErrors.
+
+    save_file replaces ``tmp`` with a private (0600) file of its own; the mode ``tmp`` was created
+    with (the umask's) is put back.
+    """
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
+    except (SafetensorError, RuntimeError) as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from None
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    """torch.save through ``_FullWrites``, so that a full disk is an OSError (ENOSPC), not torch's
+    RuntimeError ("unexpected pos ...") raised while it closes the archive after a failed write."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        writer = _FullWrites(fd)
+        torch.save(state, writer)
+        if writer.error is not None:
+            raise writer.error
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FullWrites:
+    """A write-only file object over ``fd``: ``write`` writes everything; the first OSError is kept
+    in ``error`` and later writes are dropped, so that torch can finish (the file is then removed)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.error = fd, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while view and self.error is None:
+            try:
+                view = view[os.write(self.fd, view):]
+            except OSError as err:
+                self.error = err
+        return size
+
+    def flush(self) -> None:
+        pass
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -135,13 +202,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict[str,
     name = f"step_{step:08d}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        tmp = temp_dir_beside(root / name)
     except OSError as err:
         raise _not_saved(run_dir, root / name, err) from None
     try:
         save_weights(model, tmp / WEIGHTS)
-        torch.save(train_state, tmp / STATE)
-        fsync_file(tmp / STATE)
+        _save_state(train_state, tmp / STATE)
         atomic_write_bytes(tmp / META, json.dumps({"step": step, **meta}, indent=2).encode())
         final = root / name
         if final.exists():  # re-saving a step (after a resume): move the old one aside first
@@ -155,7 +221,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
-        atomic_write_bytes(root / "latest", name.encode())
+        replace_bytes(root / "latest", name.encode())  # qkv's own file: a planted symlink is replaced, not followed
     except OSError as err:  # the checkpoint is complete; latest_checkpoint() finds it without the pointer
         raise CheckpointError(f"{final}: saved, but {root / 'latest'} could not be updated ({err})") from None
     _rotate(root, keep=keep, protect=set(protect) | {name})
@@ -165,7 +231,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict[str,
 def _not_saved(run_dir: Path, target: Path, err: OSError) -> CheckpointError:
     previous = latest_checkpoint(run_dir)
     safe = f"the last complete checkpoint, {previous}, is intact" if previous else "there is no earlier checkpoint"
-    return CheckpointError(f"{target}: checkpoint not saved ({err.strerror or err}); {safe}")
+    reason = os.strerror(err.errno) if err.errno else (err.strerror or err)  # not the temporary file's name
+    return CheckpointError(f"{target}: checkpoint not saved ({reason}); {safe}")
 
 
 def _rotate(root: Path, *, keep: int, protect: set[str]) -> None:
@@ -193,12 +260,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint named by ``latest``, or the newest complete one if that file is missing."""
+    """The checkpoint named by ``latest``, or the newest complete one if that file is missing.
+
+    ``latest`` must hold a bare ``step_N`` name: anything else (a path, ``..``, a symlink to
+    elsewhere) is ignored, so the pointer never leads outside ``checkpoints/``.
+    """
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / META).exists():
+    if pointer.is_file() and not pointer.is_symlink():
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        candidate = root / name
+        if _STEP_NAME.fullmatch(name) and not candidate.is_symlink() and (candidate / META).exists():
             return candidate
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

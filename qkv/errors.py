@@ -21,3 +21,14 @@ class CheckpointError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN/Inf loss); the last good checkpoint is kept."""
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, a read-only folder, ...); the message names the file.
+
+    An ``OSError`` (so ``errno`` tells ENOSPC from EACCES) whose text is one line without the
+    ``[Errno N]`` prefix: ``cannot write runs/a/model.safetensors: No space left on device``.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()
