@@ -46,11 +46,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each next token: temperature, then top-k, then top-p (nucleus), then sample."""
+    """How to pick each next token: temperature, then top-k, then top-p (nucleus), then sample.
 
-    max_new_tokens: int = 200
-    temperature: float = 1.0             # 0 = greedy (argmax)
-    top_k: int | None = None             # keep the k most probable tokens
+    The one dataclass for sampling settings: ``generate`` takes it and the lm task's ``decode:``
+    section is it, so its defaults are the lm preset's (nanoGPT's sample.py: 500 tokens,
+    temperature 0.8, top-k 200). ``temperature=1.0, top_k=None`` samples the model's own distribution.
+    """
+
+    max_new_tokens: int = 500
+    temperature: float = 0.8             # 0 = greedy (argmax)
+    top_k: int | None = 200              # keep the k most probable tokens (all when k >= V)
     top_p: float | None = None           # keep the smallest set with probability >= top_p
     stop_at_eos: bool = True
     window_stride: int | None = None     # tokens dropped per re-prefill past block_size; None = block_size // 4

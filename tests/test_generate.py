@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def test_top_k_keeps_exactly_k():
     assert torch.equal(filtered[1:].argsort(dim=-1, descending=True)[:, :5],
                        logits[1:].argsort(dim=-1, descending=True)[:, :5])
     g = torch.Generator().manual_seed(0)
-    cfg = SamplingConfig(top_k=3)
+    cfg = SamplingConfig(temperature=1.0, top_k=3)
     allowed = logits.topk(3, dim=-1).indices
     for _ in range(50):
         ids = sample_next(logits, cfg, generator=g)
@@ -86,7 +87,7 @@ def test_top_p_keeps_smallest_set_reaching_p(p, kept):
 
 def test_top_p_sampling_frequencies():
     logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log().expand(4000, 4)
-    ids = sample_next(logits, SamplingConfig(top_p=0.7), generator=torch.Generator().manual_seed(1))
+    ids = sample_next(logits, SamplingConfig(temperature=1.0, top_k=None, top_p=0.7), generator=torch.Generator().manual_seed(1))
     counts = torch.bincount(ids, minlength=4).float() / ids.numel()
     assert counts[2:].sum() == 0
     assert abs(counts[0] - 2 / 3) < 0.03
@@ -94,7 +95,7 @@ def test_top_p_sampling_frequencies():
 
 def test_temperature_scales_the_distribution():
     logits = torch.tensor([[1.0, 0.0, -1.0]]).expand(20000, 3)
-    ids = sample_next(logits, SamplingConfig(temperature=0.5), generator=torch.Generator().manual_seed(2))
+    ids = sample_next(logits, SamplingConfig(temperature=0.5, top_k=None), generator=torch.Generator().manual_seed(2))
     counts = torch.bincount(ids, minlength=3).float() / ids.numel()
     assert torch.allclose(counts, (logits[0] / 0.5).softmax(-1), atol=0.015)
 
@@ -126,7 +127,7 @@ def test_cached_equals_uncached(positional):
     assert cached == generate_ids(model, PROMPTS, GREEDY, use_cache=False)
     assert cached[0] == greedy_reference(model, PROMPTS[0], GREEDY.max_new_tokens)
     assert len({tuple(row) for row in cached}) > 1  # not degenerate
-    sampled = SamplingConfig(max_new_tokens=12, top_k=8, stop_at_eos=False)
+    sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=8, stop_at_eos=False)
     a = generate_ids(model, PROMPTS, sampled, generator=torch.Generator().manual_seed(5))
     b = generate_ids(model, PROMPTS, sampled, generator=torch.Generator().manual_seed(5), use_cache=False)
     assert a == b
@@ -171,7 +172,7 @@ def test_pad_is_never_generated():
     with torch.no_grad():
         model.output.weight[model.cfg.pad_id] *= 0
         model.output.weight[model.cfg.pad_id, 0] = 100.0  # PAD would win almost everywhere
-    out = generate_ids(model, PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
+    out = generate_ids(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=None, stop_at_eos=False),
                        generator=torch.Generator().manual_seed(0))
     assert all(model.cfg.pad_id not in row for row in out)
 
@@ -193,7 +194,7 @@ def test_sliding_window_past_block_size(positional, stride):
 
 def test_sampled_sliding_window_cached_equals_uncached_with_stride_one():
     model = tiny_model(block_size=8)
-    cfg = SamplingConfig(max_new_tokens=20, window_stride=1, stop_at_eos=False)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=None, window_stride=1, stop_at_eos=False)
     a = generate_ids(model, PROMPTS, cfg, generator=torch.Generator().manual_seed(7))
     b = generate_ids(model, PROMPTS, cfg, generator=torch.Generator().manual_seed(7), use_cache=False)
     assert a == b
@@ -215,7 +216,7 @@ def test_empty_prompt_starts_from_bos():
 
 def test_seeded_generation_and_training_mode_restored():
     model = tiny_model(dropout=0.3).train()
-    cfg = SamplingConfig(max_new_tokens=10, stop_at_eos=False)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=None, stop_at_eos=False)
     a = generate_ids(model, PROMPTS, cfg, generator=torch.Generator().manual_seed(8))
     assert model.training
     b = generate_ids(model.eval(), PROMPTS, cfg, generator=torch.Generator().manual_seed(8))  # dropout was off
@@ -233,6 +234,16 @@ def test_seeded_generation_and_training_mode_restored():
 def test_bad_sampling_config(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingConfig(**kwargs)
+
+
+def test_sampling_defaults_are_the_lm_presets():
+    """SamplingConfig is also the lm task's ``decode:`` section: its defaults are configs/shakespeare-char.yaml's."""
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).parents[1] / "configs" / "shakespeare-char.yaml").read_text())["decode"]
+    defaults = SamplingConfig()
+    assert {k: getattr(defaults, k) for k in preset} == preset
+    assert (defaults.top_p, defaults.stop_at_eos, defaults.window_stride) == (None, True, None)
 
 
 def test_bad_generate_arguments():
