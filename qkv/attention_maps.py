@@ -1,33 +1,36 @@
 """Attention weights of every model family, per layer and head, for pictures and the page.
 
-One API over the families: ``collect(model, *inputs, layers=...)`` runs the model once and
-returns its outputs with the weights of the layers asked, by kind of attention:
+Every model forward takes ``record=`` (qkv.record.AttentionRecord): the layers it asks run the
+explicit math path and put their weights into it, the others keep the fused kernel, and the
+outputs are the same as without asking. ``collect(model, *inputs, layers=...)`` is that call:
+
+    record = AttentionRecord(layers); outputs = model(*inputs, record=record); record.weights
+
+with the weights by kind of attention, ``{kind: {layer: (B, H, T, S)}}``:
 
 * ``"encoder"``: bidirectional self-attention (Transformer encoder, BERT, ViT), (B, H, T, T);
 * ``"decoder"``: causal self-attention (Transformer decoder, GPT), (B, H, T, T);
 * ``"cross"``: the decoder's queries over the encoder's memory, (B, H, T, S) (the RNN
   translation model's one-head attention is reported here as layer 0).
 
-Only the layers asked run the explicit math path (qkv.attention returns weights only from it);
-the others keep the fused kernel, and the outputs are the same as without asking.
-
-``text_attention`` / ``image_attention_set`` turn a trained run and one input into an
-:class:`AttentionSet`: the weights of one example with readable token labels, which
-``qkv.viz`` draws and ``qkv.attention_page`` puts into a page.
+A trained run turns one input into an :class:`AttentionSet` (``qkv.load(run_dir).attention(text=
+| image=)``, each family in its task's files): the weights of one example with readable token
+labels, which ``qkv.viz`` draws, ``qkv.viz_image`` draws over the image, and
+``qkv.attention_page`` puts into a page. ``draw_run_attention`` is what ``qkv attention`` calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from qkv.errors import ConfigError
+from qkv.record import KINDS, AttentionRecord
 
-KINDS = ("encoder", "decoder", "cross")
 KIND_NAMES = {"encoder": "encoder self-attention", "decoder": "decoder self-attention",
               "cross": "cross-attention (target -> source)"}
 Layers = bool | Iterable[int]
@@ -60,12 +63,14 @@ class AttentionGroup:
 
 @dataclass(frozen=True)
 class AttentionSet:
-    """The weights of one example, ready to draw: a title, the groups, and (ViT) the image (C, H, W) in [0, 1]."""
+    """The weights of one example, ready to draw: a title, the groups, (ViT) the image (C, H, W) in [0, 1],
+    and for a classifier its prediction (label, probability)."""
 
     title: str
     groups: list[AttentionGroup]
     image: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    prediction: tuple[str, float] | None = None
 
     def group(self, kind: str | None = None) -> AttentionGroup:
         """The group of ``kind``; by default cross-attention when there is one (the alignment), else the first."""
@@ -77,76 +82,21 @@ class AttentionSet:
         return self.groups[kinds.index(kind)]
 
 
-# -- one API over the families ----------------------------------------------------------------
-def _per_kind(layers: Layers | dict[str, Layers], kind: str) -> Layers:
-    layers = layers.get(kind, False) if isinstance(layers, dict) else layers
-    return layers if isinstance(layers, bool) else list(layers)
-
-
-def _split(attention: dict[int, dict[str, torch.Tensor]], names: dict[str, str]) -> dict[str, dict[int, torch.Tensor]]:
-    """{layer: {"self": w, "cross": w}} -> {kind: {layer: w}} with names mapping block keys to kinds."""
-    out: dict[str, dict[int, torch.Tensor]] = {}
-    for i, per_block in sorted(attention.items()):
-        for key, kind in names.items():
-            if key in per_block:
-                out.setdefault(kind, {})[i] = per_block[key]
-    return out
-
-
+# -- one call for every family ------------------------------------------------------------------
 @torch.no_grad()
-def collect(model: torch.nn.Module, *inputs: torch.Tensor, layers: Layers | dict[str, Layers] = True,
+def collect(model: torch.nn.Module, *inputs: torch.Tensor, layers: Layers | Mapping[str, Layers] = True,
             **kwargs) -> Collected:
-    """Run ``model`` on ``inputs`` and return (outputs, {kind: {layer: (B, H, T, S)}}).
+    """Run ``model`` on ``inputs`` with an AttentionRecord; return (outputs, {kind: {layer: (B, H, T, S)}}).
 
-    inputs: Transformer / RNNSeq2Seq (src (B, S), tgt (B, T)) -> logits; DecoderOnly (ids,) -> logits;
-    EncoderOnly (ids,) -> hidden; SequenceClassifier / SentenceEncoder (ids,) -> their output; ViT /
-    ImageEmbedder (images,) -> their output. ``layers``: True (all), False, indices, or for an
-    encoder-decoder a dict {"encoder": ..., "decoder": ...} (the decoder's layers give both its
-    self- and cross-attention). Extra keyword arguments go to the model (e.g. ``mask``).
+    ``layers``: True (all), False, indices (negative from the end) for every stack, or a dict
+    {"encoder": ..., "decoder": ...} (a decoder's layers give both its self- and cross-attention).
+    Extra keyword arguments go to the model (e.g. ``mask``).
     """
-    from qkv.models.decoder_only import DecoderOnly
-    from qkv.models.encoder_only import EncoderOnly, SentenceEncoder, SequenceClassifier
-    from qkv.models.rnn_seq2seq import RNNSeq2Seq
-    from qkv.models.transformer import Transformer
-    from qkv.models.vit import ImageEmbedder, ViT
-
-    if isinstance(model, Transformer):
-        asked = {kind: _per_kind(layers, kind) for kind in ("encoder", "decoder")}
-        if not any(asked.values()):
-            return Collected(model(*inputs), {})
-        logits, attention = model(*inputs, return_attention=asked)
-        return Collected(logits, {**_split(attention["encoder"], {"self": "encoder"}),
-                                  **_split(attention["decoder"], {"self": "decoder", "cross": "cross"})})
-    if isinstance(model, RNNSeq2Seq):
-        src, tgt = inputs
-        memory, src_mask = model.encode(src)
-        logits, weights = model.decode(tgt, memory, src_mask, return_attention=True)  # (B, T, S)
-        wanted = 0 in _wanted(_per_kind(layers, "decoder"), 1)
-        return Collected(logits, {"cross": {0: weights[:, None]}} if wanted else {})  # (B, 1, T, S)
-    if isinstance(model, DecoderOnly):
-        logits, attention = _asking(model, inputs, _per_kind(layers, "decoder"), kwargs)
-        return Collected(logits, _split(attention, {"self": "decoder"}))
-    if isinstance(model, ImageEmbedder):  # ImageEmbedder.forward, with the weights kept
-        hidden, attention = _asking(model.vit.encode, inputs, _per_kind(layers, "encoder"), kwargs)
-        return Collected(F.normalize(model.vit.pool(hidden), p=2.0, dim=-1), _split(attention, {"self": "encoder"}))
-    if isinstance(model, (EncoderOnly, SequenceClassifier, SentenceEncoder, ViT)):
-        outputs, attention = _asking(model, inputs, _per_kind(layers, "encoder"), kwargs)
-        return Collected(outputs, _split(attention, {"self": "encoder"}))
-    raise TypeError(f"collect does not know {type(model).__name__}")
-
-
-def _asking(forward, inputs, layers: Layers, kwargs):
-    """forward(*inputs, return_attention=layers) -> (outputs, weights); no weights asked -> (outputs, {})."""
-    layers = layers if isinstance(layers, bool) else list(layers)
-    if not layers:
-        return forward(*inputs, **kwargs), {}
-    return forward(*inputs, return_attention=layers, **kwargs)
-
-
-def _wanted(layers: Layers, n: int) -> set[int]:
-    from qkv.blocks import wanted_layers
-
-    return wanted_layers(layers, n)
+    if "record" not in inspect.signature(model.forward).parameters:
+        raise TypeError(f"collect does not know {type(model).__name__}: its forward takes no record=")
+    record = AttentionRecord(layers)
+    outputs = model(*inputs, record=record, **kwargs)
+    return Collected(outputs, record.weights)
 
 
 # -- token labels -----------------------------------------------------------------------------
@@ -172,97 +122,13 @@ def token_labels(tokenizer, ids: Iterable[int]) -> list[str]:
     return [specials[i] if i in specials else tokenizer.decode([i]) for i in ids]
 
 
-# -- from a trained run and one input -----------------------------------------------------------
-def _groups(weights: dict[str, dict[int, torch.Tensor]], labels: dict[str, tuple[list[str], list[str]]],
-            **extra) -> list[AttentionGroup]:
-    """Batch row 0 of every kind's weights, with its (query, key) labels."""
+# -- one example's groups ------------------------------------------------------------------------
+def groups_of(weights: dict[str, dict[int, torch.Tensor]], labels: dict[str, tuple[list[str], list[str]]],
+              **extra) -> list[AttentionGroup]:
+    """Batch row 0 of every kind's weights (B, H, T, S) -> groups (H, T, S), with each kind's (query, key) labels."""
     return [AttentionGroup(kind, *labels[kind], {i: w[0].float().cpu() for i, w in sorted(weights[kind].items())},
                            **extra)
             for kind in KINDS if weights.get(kind)]
-
-
-def text_attention(cfg, model, artifacts, text: str, *, layers: Layers = True,
-                   device: torch.device | str = "cpu") -> AttentionSet:
-    """The attention of a text run (translation, lm, classification, embedding) on ``text``."""
-    if not text.strip():
-        raise ConfigError("--text is empty: give the text whose attention to draw")
-    task = cfg.task
-    if task in ("translation", "translation-rnn"):
-        return _translation_attention(cfg, model, artifacts, text, layers, device)
-    if task == "lm":
-        return _lm_attention(cfg, model, artifacts, text, layers, device)
-    if task in ("classification", "embedding"):
-        return _encoder_attention(cfg, model, artifacts, text, layers, device)
-    raise ConfigError(f"--text works with text runs (translation, lm, classification, embedding), "
-                      f"not a {task!r} run (image runs take --image)")
-
-
-def _translation_attention(cfg, model, tokenizers, text, layers, device) -> AttentionSet:
-    """Translate greedily (or by beam), then teacher-force the hypothesis to read every weight."""
-    from qkv.decode import beam_search, greedy_decode
-
-    src_tok, tgt_tok = tokenizers
-    src_ids = src_tok.encode(text) + [src_tok.eos_id]  # as qkv.decode.translate does
-    src = torch.tensor([src_ids], device=device)
-    beam = cfg.decode.beam_size
-    hyp = (greedy_decode(model, src) if beam == 1 else beam_search(model, src, beam_size=beam,
-                                                                    length_penalty=cfg.decode.length_penalty))[0]
-    tgt_in = [tgt_tok.bos_id, *hyp]  # the decoder's input; it produces hyp + [eos]
-    _, weights = collect(model, src, torch.tensor([tgt_in], device=device), layers=layers)
-    src_labels = token_labels(src_tok, src_ids)
-    labels = {"encoder": (src_labels, src_labels),
-              "decoder": (token_labels(tgt_tok, tgt_in), token_labels(tgt_tok, tgt_in)),
-              "cross": (token_labels(tgt_tok, [*hyp, tgt_tok.eos_id]), src_labels)}
-    notes = ["cross-attention rows are labelled with the token being produced; decoder self-attention rows "
-             "with the decoder's input (it starts with <bos>)"]
-    return AttentionSet(f"{text!r} -> {tgt_tok.decode(hyp)!r}", _groups(weights, labels), notes=notes)
-
-
-def _lm_attention(cfg, model, tokenizer, text, layers, device) -> AttentionSet:
-    ids = tokenizer.encode(text)
-    notes = []
-    block = cfg.model.block_size
-    if len(ids) > block:
-        notes.append(f"the text has {len(ids)} tokens; the model's context is {block}: its last {block} are shown")
-        ids = ids[-block:]
-    _, weights = collect(model, torch.tensor([ids], device=device), layers=layers)
-    labels = token_labels(tokenizer, ids)
-    return AttentionSet(f"{len(ids)} tokens", _groups(weights, {"decoder": (labels, labels)}), notes=notes)
-
-
-def _encoder_attention(cfg, model, artifacts, text, layers, device) -> AttentionSet:
-    ids = artifacts.tokenizer.encode_batch([text])[0]
-    outputs, weights = collect(model, torch.tensor([ids], device=device), layers=layers)
-    labels = token_labels(artifacts.tokenizer, ids)
-    title = f"{len(ids)} tokens"
-    if cfg.task == "classification":
-        probs = outputs[0].float().softmax(-1)
-        best = int(probs.argmax())
-        title += f", predicted {artifacts.label_names[best]!r} ({float(probs[best]):.2f})"
-    return AttentionSet(title, _groups(weights, {"encoder": (labels, labels)}))
-
-
-def image_attention_set(cfg, model, artifacts, image_path: str, *, layers: Layers = True,
-                        device: torch.device | str = "cpu") -> AttentionSet:
-    """The self-attention of an image run over the class token and the patches of one image file."""
-    from qkv.tasks.vision import read_images_for, vit_of
-
-    images = read_images_for(cfg, artifacts, [str(image_path)]).to(device)  # (1, C, H, W), normalised
-    vit = vit_of(model)
-    outputs, weights = collect(model, images, layers=layers)
-    H, W = images.shape[-2:]
-    gh, gw = H // vit.cfg.patch_size, W // vit.cfg.patch_size
-    labels = ["[class]"] * vit.n_special + [f"({r},{c})" for r in range(gh) for c in range(gw)]
-    title = str(image_path)
-    if vit.head is not None:
-        probs = outputs[0].float().softmax(-1)
-        best = int(probs.argmax())
-        title += f": {artifacts.label_names[best]} ({float(probs[best]):.2f})"
-    std = torch.tensor(artifacts.std)[:, None, None]
-    mean = torch.tensor(artifacts.mean)[:, None, None]
-    image = (images[0].cpu() * std + mean).clamp(0, 1)  # (C, H, W) back to [0, 1]
-    groups = _groups(weights, {"encoder": (labels, labels)}, grid=(gh, gw), n_special=vit.n_special)
-    return AttentionSet(title, groups, image=image)
 
 
 # -- what `qkv attention` calls -----------------------------------------------------------------
@@ -275,26 +141,22 @@ def draw_run_attention(run_dir, out, *, text: str | None = None, image: str | No
     cross-attention alignment, else the only kind). HTML: the interactive page with every layer
     collected. With ``layer``, only that layer is collected. Returns a summary for the CLI to print.
     """
-    from qkv.run import load_run, read_run_config
+    from qkv.run import load
 
     suffix = str(out).rsplit(".", 1)[-1].lower() if "." in str(out) else ""
     if suffix not in ("png", "html", "htm"):
         raise ConfigError(f"--out {out}: write a .png picture or an .html page")
     if (text is None) == (image is None):
         raise ConfigError("attention needs one input: --text T (text runs) or --image F (image runs)")
-    task = read_run_config(run_dir).task
-    if image is not None and suffix == "png":
-        from qkv.viz_image import attention_picture  # class-token maps and rollout over the image
+    if text is not None and not text.strip():
+        raise ConfigError("--text is empty: give the text whose attention to draw")
+    picture = image is not None and suffix == "png"  # class-token maps and rollout: every layer
+    layers = [layer] if layer is not None and not picture else True  # only the layer drawn leaves the fused kernel
+    aset = load(run_dir, device=device).attention(text=text, image=image, layers=layers)
+    if picture:
+        from qkv.viz_image import attention_picture
 
-        return attention_picture(run_dir, image, out, device=device)
-    cfg, model, artifacts = load_run(run_dir, device=device)
-    layers = [layer] if layer is not None else True  # only the layer drawn leaves the fused kernel
-    if image is not None:
-        if task not in ("image_classification", "image_embedding"):
-            raise ConfigError(f"--image needs an image run, got a {task!r} run (text runs take --text)")
-        aset = image_attention_set(cfg, model, artifacts, image, layers=layers, device=device)
-    else:
-        aset = text_attention(cfg, model, artifacts, text, layers=layers, device=device)
+        return attention_picture(aset, out)
     if suffix == "png":
         from qkv.viz import plot_attention
 

@@ -18,7 +18,6 @@ import torch
 from qkv.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 log = logging.getLogger("qkv")
-TRANSLATION_TASKS = ("translation", "translation-rnn")  # qkv.tasks.translation, qkv.tasks.rnn_translation
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,156 +126,64 @@ def _cmd_cv(args: argparse.Namespace) -> None:
                       "pooled_by_variant": {k: v["pooled"] for k, v in result["variants"].items()}}))
 
 
+def _load(args: argparse.Namespace):
+    """The run named on the command line, as its family object (qkv.load)."""
+    from qkv.run import load
+
+    return load(args.run_dir, device=resolve_device(args.device))
+
+
 def _cmd_translate(args: argparse.Namespace) -> None:
-    from qkv.decode import translate
-    from qkv.run import load_run
-
-    device = resolve_device(args.device)
-    cfg, model, (src_tok, tgt_tok) = load_run(args.run_dir, device=device, task=_translation_task(args.run_dir))
+    if args.beam is not None and args.beam < 1:
+        raise ConfigError(f"--beam must be >= 1, got {args.beam}")
+    run = _load(args)
+    run.require("translate")
     lines = _read_input(args.input)
-    beam = args.beam if args.beam is not None else cfg.decode.beam_size
-    if beam < 1:
-        raise ConfigError(f"--beam must be >= 1, got {beam}")
-    keep = [i for i, line in enumerate(lines) if line.strip()]
     source = args.input if args.input not in (None, "-") else "<stdin>"
-    hyps = translate(model, src_tok, tgt_tok, [lines[i] for i in keep], beam_size=beam,
-                     length_penalty=cfg.decode.length_penalty, batch_size=cfg.decode.batch_size, device=device,
-                     names=[f"{source}:{i + 1}" for i in keep])
-    out = [""] * len(lines)
-    for i, hyp in zip(keep, hyps):
-        out[i] = hyp
-    _write_output(args.output, out)
+    names = [f"{source}:{i + 1}" for i in range(len(lines))]
+    _write_output(args.output, run.translate(lines, beam=args.beam, names=names))
 
 
-def _translation_task(run_dir: str) -> str:
-    """The run's task when it is a translation family (Transformer or RNN), else "translation" (for the error)."""
-    from qkv.run import read_run_config
-
-    task = read_run_config(run_dir).task
-    return task if task in TRANSLATION_TASKS else "translation"
+EVALUATE_OPTIONS = ("text", "data", "split", "src", "ref", "beam", "output", "ensemble", "tta")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from qkv.run import load_run, read_run_config
-
-    task = read_run_config(args.run_dir).task
-    if (args.ensemble or args.tta is not None) and task != "image_classification":
-        raise ConfigError(f"--ensemble and --tta are for image_classification runs, not a {task} run")
-    if args.split and args.data:
-        raise ConfigError("--split and --data exclude each other: --split picks one of the run's recorded splits")
-    if args.split and task not in ("image_classification", "image_embedding"):
-        raise ConfigError(f"--split is for image runs (they record their split); a {task} run is scored on "
-                          "the files you pass")
-    device = resolve_device(args.device)
-    cfg, model, artifacts = load_run(args.run_dir, device=device)
-    if task in TRANSLATION_TASKS:
-        result = _evaluate_translation(args, cfg, model, artifacts, device)
-    elif task == "lm":
-        result = _evaluate_lm(args, cfg, model, artifacts)
-    elif task in ("classification", "embedding"):
-        from qkv.tasks.classification import evaluate_file
-
-        if not args.data:
-            raise ConfigError(f"evaluate on a {task} run needs --data FILE (TSV/CSV with labels)")
-        result = evaluate_file(cfg, model, artifacts, args.data, run_dir=args.run_dir)
-    elif task in ("image_classification", "image_embedding"):
-        from qkv.tasks.image_inference import evaluate_run, load_members
-
-        result = evaluate_run(cfg, model, artifacts, args.run_dir, data=args.data, split=args.split or "test",
-                              tta=args.tta, ensemble=load_members(args.ensemble, device=device))
-    else:
-        raise ConfigError(f"evaluate does not know task {task!r}")
-    print(json.dumps({"run_dir": str(args.run_dir), "task": task, **result}))
-
-
-def _evaluate_translation(args, cfg, model, tokenizers, device) -> dict:
-    from qkv.data.parallel import read_parallel
-    from qkv.decode import translate
-    from qkv.metrics import corpus_scores
-
-    if not args.src or not args.ref:
-        raise ConfigError("evaluate on a translation run needs --src FILE and --ref FILE")
-    src_tok, tgt_tok = tokenizers
-    corpus = read_parallel(args.src, args.ref)
-    beam = args.beam if args.beam is not None else cfg.decode.beam_size
-    hyps = translate(model, src_tok, tgt_tok, corpus.src, beam_size=beam, length_penalty=cfg.decode.length_penalty,
-                     batch_size=cfg.decode.batch_size, device=device)
-    if args.output:
-        _write_output(args.output, hyps)
-    return {"sentences": len(hyps), "beam": beam, **corpus_scores(hyps, corpus.tgt)}
-
-
-def _evaluate_lm(args, cfg, model, tokenizer) -> dict:
-    from qkv.data.lm import read_text
-    from qkv.generate import perplexity_on_ids
-    from qkv.tasks.lm import text_scores
-
-    if not args.text:
-        raise ConfigError("evaluate on a language-model run needs --text FILE")
-    text = read_text(args.text)
-    ids = tokenizer.encode(text)
-    if len(ids) < 2:
-        raise ConfigError(f"--text {args.text}: too short to evaluate ({len(ids)} tokens)")
-    scored = perplexity_on_ids(model, ids, block_size=cfg.model.block_size)
-    scores = text_scores(scored["loss"], tokenizer, chars_per_token=len(text) / len(ids))
-    return {"text": str(args.text), "tokens": scored["tokens"], "characters": len(text), "loss": scored["loss"],
-            **scores}
+    run = _load(args)
+    options = {name: getattr(args, name) for name in EVALUATE_OPTIONS if getattr(args, name) not in (None, [])}
+    print(json.dumps({"run_dir": str(args.run_dir), "task": run.cfg.task, **run.evaluate(**options)}))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from qkv.generate import SamplingConfig, generate
-    from qkv.run import load_run
-
-    device = resolve_device(args.device)
-    cfg, model, tokenizer = load_run(args.run_dir, device=device, task="lm")
-    d = cfg.decode
-    try:
-        sampling = SamplingConfig(
-            max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
-            temperature=args.temperature if args.temperature is not None else d.temperature,
-            top_k=args.top_k if args.top_k is not None else d.top_k,
-            top_p=args.top_p if args.top_p is not None else d.top_p,
-        )
-    except ValueError as err:  # "temperature must be ..." -> "--temperature must be ..."
-        field, _, rest = str(err).partition(" ")
-        raise ConfigError(f"--{field.replace('_', '-')} {rest}") from None
-    try:
-        prompt = tokenizer.encode(args.prompt)
-    except DataError as err:
-        raise DataError(f"--prompt: {str(err).removeprefix('text: ')}") from None
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    run = _load(args)
+    run.require("generate")
+    pieces = run.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checked before the first token
     sys.stdout.write(args.prompt)
-    new: list[int] = []
-    shown = ""
-    for step in generate(model, [prompt], sampling, generator=generator):
-        if step[0] is None:
-            break
-        new.append(step[0])
-        text = tokenizer.decode(new)  # decode the whole tail: a BPE token may complete a character
-        sys.stdout.write(text[len(shown):])
+    for piece in pieces:
+        sys.stdout.write(piece)
         sys.stdout.flush()
-        shown = text
     sys.stdout.write("\n")
 
 
+def _check_inputs(run, args: argparse.Namespace) -> None:
+    """--image files for image runs, --input text for the others."""
+    if args.image and run.inputs != "image":
+        raise ConfigError(f"{args.run_dir} is {run.a_kind} run: it reads text (--input), not --image files")
+    if not args.image and run.inputs == "image":
+        raise ConfigError(f"{args.run_dir} is {run.a_kind} run: give --image F... (it reads image files)")
+
+
 def _cmd_classify(args: argparse.Namespace) -> None:
-    from qkv.run import load_run
-    from qkv.tasks.classification import classify_texts
-
+    run = _load(args)
+    run.require("classify")
+    _check_inputs(run, args)
+    options = {"tta": args.tta, "ensemble": args.ensemble or None, "batch_size": args.batch_size}
+    options = {k: v for k, v in options.items() if v is not None}
     if args.image:
-        from qkv.tasks.image_inference import classify_images, load_members
-
-        device = resolve_device(args.device)
-        cfg, model, artifacts = load_run(args.run_dir, device=device, task="image_classification")
-        labelled = classify_images(cfg, model, artifacts, args.image, tta=args.tta, run_dir=args.run_dir,
-                                   ensemble=load_members(args.ensemble, device=device))
+        labelled = run.classify(args.image, **options)
         _write_output(args.output, [f"{f}\t{label}\t{prob:.4f}" for f, (label, prob) in zip(args.image, labelled)])
         return
-    if args.ensemble or args.tta is not None:
-        raise ConfigError("--ensemble and --tta are for image runs (with --image)")
-    cfg, model, artifacts = load_run(args.run_dir, device=resolve_device(args.device), task="classification")
-    lines = _read_input(args.input)
-    labelled = classify_texts(model, artifacts, lines, batch_size=args.batch_size)
+    labelled = run.classify(_read_input(args.input), **options)
     _write_output(args.output, [f"{label}\t{prob:.4f}" for label, prob in labelled])
 
 
@@ -295,18 +202,19 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
+    import io
+
     import numpy as np
 
     from qkv.fileio import atomic_write_bytes
-    from qkv.run import load_run
-    from qkv.tasks.classification import embed_texts
 
     if not args.output.endswith(".npy"):
         raise ConfigError(f"--output {args.output}: embeddings are written as a .npy file")
-    _, model, artifacts = load_run(args.run_dir, device=resolve_device(args.device))
-    vectors = embed_texts(model, artifacts, _read_input(args.input), batch_size=args.batch_size)
-    import io
-
+    run = _load(args)
+    run.require("embed")
+    _check_inputs(run, args)
+    options = {"batch_size": args.batch_size} if args.batch_size is not None else {}
+    vectors = run.embed(args.image if args.image else _read_input(args.input), **options)
     buffer = io.BytesIO()
     np.save(buffer, vectors)
     atomic_write_bytes(Path(args.output), buffer.getvalue())
@@ -435,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", nargs="+", metavar="F",
                    help="image run: PNG/JPEG files to label instead; prints file<TAB>label<TAB>probability")
     p.add_argument("--output", help="default: stdout")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="inputs per batch (default: the run's decode.batch_size)")
     _add_ensemble_arguments(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_classify)
@@ -463,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed each input line with a trained encoder into a .npy matrix")
     p.add_argument("run_dir")
     p.add_argument("--input", help="one text per line (default: stdin)")
+    p.add_argument("--image", nargs="+", metavar="F", help="image run: PNG/JPEG files to embed instead")
     p.add_argument("--output", required=True, help="F.npy: (lines, d_model) float32, unit length")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="inputs per batch (default: the run's decode.batch_size)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_embed)
 
@@ -506,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, CheckpointError, TrainingError, ValueError, OSError) as err:
         if args.verbose:
             raise
-        message = " ".join(str(err).split("\n"))
+        message = " ".join(getattr(err, "cli_message", str(err)).split("\n"))  # an option named as its --flag
         print(f"qkv: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -45,9 +45,6 @@ from qkv.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
-METRIC = {"image_classification": "accuracy", "image_embedding": "nn_accuracy"}
-
-
 def fold_overrides(folds: int, fold: int) -> list[str]:
     return [f"data.cv_folds={folds}", f"data.cv_fold={fold}"]
 
@@ -61,10 +58,18 @@ def check_config(config: str | Path, overrides: list[str], folds: int):
     if any(o.split("=", 1)[0].strip() in ("data.cv_folds", "data.cv_fold") for o in overrides):
         raise ConfigError("--set data.cv_folds / data.cv_fold: cross-validation sets these itself (use --folds)")
     task = load_config(config, overrides).task
-    if task not in METRIC:
-        raise ConfigError(f"{config}: cross-validation needs an image task ({' or '.join(METRIC)}), "
-                          f"got task {task!r}")
+    able = _tasks_taking("split")
+    if task not in able:
+        raise ConfigError(f"{config}: cross-validation needs an image task, one that records its split "
+                          f"({' or '.join(able)}), got task {task!r}")
     return load_config(config, [*overrides, *fold_overrides(folds, 0)])
+
+
+def _tasks_taking(*options: str) -> list[str]:
+    """The tasks whose trained runs' evaluate takes all of ``options``."""
+    from qkv.tasks import TASKS
+
+    return sorted(name for name, spec in TASKS.items() if set(options) <= set(spec.inference.evaluate_options))
 
 
 def train_fold(config: str | Path, out: Path, folds: int, fold: int, overrides: list[str], *,
@@ -97,12 +102,15 @@ def train_fold(config: str | Path, out: Path, folds: int, fold: int, overrides: 
 
 def score_fold(run_dirs: list[Path], metric: str, *, tta: bool = False) -> dict:
     """The finished runs' final models on their (shared) held-out fold; several runs vote as an ensemble."""
-    from qkv.run import load_run
-    from qkv.tasks.image_inference import evaluate_run, load_members
+    from qkv.run import load
 
-    cfg, model, artifacts = load_run(run_dirs[0], device="cpu")
-    others = load_members(run_dirs[1:], device="cpu")
-    result = evaluate_run(cfg, model, artifacts, run_dirs[0], split="valid", tta=tta, ensemble=others)
+    run = load(run_dirs[0], device="cpu")
+    options = {"split": "valid"}
+    if "tta" in run.evaluate_options:  # off unless asked, whatever the run's decode.tta
+        options["tta"] = tta
+    if len(run_dirs) > 1:
+        options["ensemble"] = run_dirs[1:]
+    result = run.evaluate(**options)
     return {"examples": result["examples"], metric: result[metric]}
 
 
@@ -120,9 +128,10 @@ def check_variants(cfg, overrides: list[str], seeds: list[int] | None, tta: bool
             raise ConfigError(f"--seeds needs distinct seeds, got {seeds}")
         if any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides):
             raise ConfigError("--set train.seed: --seeds sets it for each run")
-    if (tta or (seeds and len(seeds) > 1)) and cfg.task != "image_classification":
-        raise ConfigError(f"--tta and ensembles (--seeds with more than one seed) need class probabilities: an "
-                          f"image_classification run, got task {cfg.task!r}")
+    able = _tasks_taking("tta", "ensemble")
+    if (tta or (seeds and len(seeds) > 1)) and cfg.task not in able:
+        raise ConfigError(f"--tta and ensembles (--seeds with more than one seed) need class probabilities: a run "
+                          f"of {' or '.join(able)}, got task {cfg.task!r}")
 
 
 def cross_validate(config: str | Path, out: str | Path, *, folds: int, overrides: list[str] = (), jobs: int = 1,
@@ -141,7 +150,7 @@ def cross_validate(config: str | Path, out: str | Path, *, folds: int, overrides
     check_variants(cfg, overrides, seeds, tta)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    metric, out, start = METRIC[cfg.task], Path(out), time.perf_counter()
+    metric, out, start = cfg.spec.inference.primary_metric[0], Path(out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     plan = [(None, out)] if seeds is None else [(s, out / f"seed_{s}") for s in seeds]
     work = [(seed, where, k) for seed, where in plan for k in range(folds)]

@@ -1,7 +1,8 @@
 """Run configs and run directories: which task, its sections, and rebuilding a trained model.
 
 ``load_config(path, overrides)`` turns a YAML file into a :class:`RunConfig`;
-``load_run(run_dir)`` rebuilds a trained model and its tokenizers with no hyperparameter restated.
+``load_run(run_dir)`` rebuilds a trained model and its tokenizers with no hyperparameter restated;
+``load(run_dir)`` (also ``qkv.load``) wraps them in the run's family object, ready to use.
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu", task: s
     model = cfg.spec.build_model(cfg)
     ckpt.load_weights(model, weights_path(run_dir))
     return cfg, model.to(device).eval(), artifacts
+
+
+def load(run_dir: str | Path, *, device: torch.device | str = "cpu"):
+    """A trained run, ready to use: the family object of its task (a qkv.tasks.inference.LoadedRun).
+
+    It holds ``.cfg``, ``.model`` (eval mode, on ``device``), ``.artifacts`` and ``.run_dir``, and
+    has ``.kind``, ``.primary_metric``, ``.evaluate(**options)``, ``.attention(text=|image=)`` and
+    the predict methods of its family (``.translate``, ``.generate``/``.stream``, ``.classify``,
+    ``.embed``); each takes a list (or one input), batches internally and returns plain values.
+
+        run = qkv.load("runs/en-de")
+        run.translate(["A man rides a bike."], beam=4)   # -> ["Ein Mann fährt Rad."]
+    """
+    cfg, model, artifacts = load_run(run_dir, device=device)
+    return cfg.spec.inference(cfg, model, artifacts, Path(run_dir), device)
 
 
 def train_run(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, resume: bool = False,

@@ -9,8 +9,9 @@
   multiplying them: rollout = A~_L ... A~_2 A~_1. Its class-token row is how much each patch
   contributes, through all layers, to what the classifier reads.
 
-``attention_picture`` is what ``qkv attention RUN_DIR --image F --out F.png`` calls: the image,
-one map per layer and the rollout, drawn over the image (matplotlib, headless, written atomically).
+``attention_picture`` is what ``qkv attention RUN_DIR --image F --out F.png`` calls: from an image
+run's AttentionSet (``qkv.load(run_dir).attention(image=F)``), the image, one map per layer and
+the rollout, drawn over the image (matplotlib, headless, written atomically).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import torch.nn.functional as F
 from qkv.viz import _save, plt
 
 
-def head_mean(weights: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
-    """{layer: {"self": (B, H, T, T)}} -> (L, B, T, T), averaged over heads, layers in order."""
-    return torch.stack([weights[i]["self"].float().mean(dim=1) for i in sorted(weights)])
+def head_mean(weights: dict[int, torch.Tensor]) -> torch.Tensor:
+    """One stack's weights {layer: (B, H, T, T)} (an AttentionRecord's ``weights["encoder"]``) -> (L, B, T, T),
+    averaged over heads, layers in order. (The per-block form {layer: {"self": w}} is read too.)"""
+    per_layer = [weights[i]["self"] if isinstance(weights[i], dict) else weights[i] for i in sorted(weights)]
+    return torch.stack([w.float().mean(dim=1) for w in per_layer])
 
 
 def attention_rollout(attention: torch.Tensor, *, residual: float = 0.5) -> torch.Tensor:
@@ -61,17 +64,25 @@ def query_rows(attention: torch.Tensor, n_special: int) -> torch.Tensor:
     return attention[..., 0, :] if n_special else attention.mean(dim=-2)
 
 
+def class_token_maps(attention: torch.Tensor, *, n_special: int, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Head-averaged attention (L, B, T, T) -> "layers" (L, B, gh, gw) and "rollout" (B, gh, gw) patch maps."""
+    gh, gw = grid
+    return {"layers": patch_maps(query_rows(attention, n_special), n_special=n_special, grid_h=gh, grid_w=gw),
+            "rollout": patch_maps(query_rows(attention_rollout(attention), n_special), n_special=n_special,
+                                  grid_h=gh, grid_w=gw)}
+
+
 @torch.no_grad()
 def image_attention(vit, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Maps for normalised images (B, C, H, W): "layers" (L, B, gh, gw), "rollout" (B, gh, gw), "outputs"."""
+    from qkv.record import AttentionRecord
+
     H, W = images.shape[-2:]
-    gh, gw = H // vit.cfg.patch_size, W // vit.cfg.patch_size
-    outputs, weights = vit(images, return_attention=True)
-    attention = head_mean(weights)  # (L, B, T, T)
-    k = vit.n_special
-    return {"layers": patch_maps(query_rows(attention, k), n_special=k, grid_h=gh, grid_w=gw),
-            "rollout": patch_maps(query_rows(attention_rollout(attention), k), n_special=k, grid_h=gh, grid_w=gw),
-            "outputs": outputs}
+    record = AttentionRecord(True)
+    outputs = vit(images, record=record)
+    maps = class_token_maps(head_mean(record.weights["encoder"]), n_special=vit.n_special,
+                            grid=(H // vit.cfg.patch_size, W // vit.cfg.patch_size))
+    return {**maps, "outputs": outputs}
 
 
 def _overlay(ax, image, heat, title: str) -> None:
@@ -103,30 +114,21 @@ def plot_image_attention(image: torch.Tensor, layers: torch.Tensor, rollout: tor
     return _save(fig, path)
 
 
-def attention_picture(run_dir: str | Path, image_path: str | Path, out: str | Path, *,
-                      device: torch.device | str = "cpu") -> dict:
-    """Draw the class token's attention per layer and the rollout over one image file of a trained ViT run.
+def attention_picture(aset, out: str | Path) -> dict:
+    """Draw an image run's AttentionSet: the class token's attention per layer and the rollout, over the image.
 
-    Returns {"out", "label", "probability"} (label and probability for a classification run).
+    ``aset`` must hold every layer (``attention(image=F, layers=True)``): the rollout multiplies them
+    all. Returns {"out"} and, for a classifier, "label" and "probability".
     """
-    from qkv.run import load_run
-    from qkv.tasks.vision import read_images_for, vit_of
-
-    cfg, model, artifacts = load_run(run_dir, device=device)
-    if cfg.task not in ("image_classification", "image_embedding"):
-        raise ValueError(f"{run_dir}: attention over an image needs an image run, got a {cfg.task!r} run")
-    std = torch.tensor(artifacts.std)[:, None, None]
-    mean = torch.tensor(artifacts.mean)[:, None, None]
-    images = read_images_for(cfg, artifacts, [str(image_path)]).to(device)  # (1, C, H, W), normalised
-    vit = vit_of(model)
-    maps = image_attention(vit, images)
+    group = aset.group("encoder")
+    if aset.image is None or group.grid is None:
+        raise ValueError(f"{aset.title}: the class-token picture needs an image run's attention")
+    if sorted(group.layers) != list(range(len(group.layers))):
+        raise ValueError(f"the rollout needs every layer's attention, got layers {sorted(group.layers)}")
+    attention = torch.stack([group.layers[i].float().mean(dim=0) for i in sorted(group.layers)])[:, None]  # (L, 1, T, T)
+    maps = class_token_maps(attention, n_special=group.n_special, grid=group.grid)
     result = {"out": str(out)}
-    title = Path(image_path).name
-    if vit.head is not None:
-        probs = maps["outputs"].float().softmax(-1)[0]
-        best = int(probs.argmax())
-        result.update(label=artifacts.label_names[best], probability=float(probs[best]))
-        title += f": {result['label']} ({result['probability']:.2f})"
-    raw = images[0].cpu() * std + mean  # back to [0, 1] for drawing
-    plot_image_attention(raw, maps["layers"][:, 0], maps["rollout"][0], out, title=title)
+    if aset.prediction is not None:
+        result.update(label=aset.prediction[0], probability=aset.prediction[1])
+    plot_image_attention(aset.image, maps["layers"][:, 0], maps["rollout"][0], out, title=aset.title)
     return result

@@ -360,4 +360,4 @@ def test_classify_embed_and_evaluate_commands(scratch_run, tmp_path, capsys):
     assert (run / "confusion.json").is_file()
     assert main(["embed", str(run), "--input", str(texts), "--output", str(tmp_path / "e.txt")]) == 2
     assert main(["generate", str(run), "--prompt", "x"]) == 2
-    assert "'classification' run" in capsys.readouterr().err
+    assert "text-classification run (task 'classification'): it cannot generate" in capsys.readouterr().err

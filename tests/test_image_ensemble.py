@@ -124,7 +124,7 @@ def test_an_ensemble_must_share_the_split_and_the_task(two_seeds, tmp_path, caps
     assert main(["evaluate", str(two_seeds[0]), "--ensemble", str(embedding)]) == 2
     assert "'image_embedding' run" in capsys.readouterr().err
     assert main(["evaluate", str(embedding), "--tta"]) == 2
-    assert "--ensemble and --tta are for image_classification runs" in capsys.readouterr().err
+    assert "image-embedding run: evaluate takes no --tta (it takes: --data, --split)" in capsys.readouterr().err
 
 
 def test_cv_scores_each_seed_the_ensemble_and_tta_on_the_same_folds(tmp_path, capsys):

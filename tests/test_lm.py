@@ -60,7 +60,7 @@ def test_generate_rejects_unknown_characters_and_wrong_family(trained, capsys):
     err = capsys.readouterr().err
     assert "qkv: error:" in err and "§" in err and "Traceback" not in err
     assert main(["translate", str(trained / "run")]) == 2
-    assert "'lm' run" in capsys.readouterr().err
+    assert "language-model run (task 'lm'): it cannot translate (it can: generate" in capsys.readouterr().err
 
 
 def test_bpe_tokenizer_and_rope_train(tmp_path):

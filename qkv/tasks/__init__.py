@@ -1,7 +1,9 @@
 """Tasks: the glue between a model family, its data, its loss and its evaluation.
 
-Each task module registers a :class:`TaskSpec`; the engine (qkv.train) and the CLI use only this
-interface, so a new family plugs in without touching them.
+Each task module registers a :class:`TaskSpec`: how to train (``make_task``, ``build_model``) and
+what a trained run does (``inference``: a :class:`qkv.tasks.inference.LoadedRun` class, what
+``qkv.load`` returns). The engine (qkv.train), the CLI, ``qkv cv`` and the pictures use only this
+interface, so a new family plugs in without touching them (tests/test_no_task_names.py keeps it so).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class TaskSpec:
     build_model: Callable[[Any], Any]
     #: (run_cfg, run_dir) -> artifacts (tokenizers, label names, ...) needed at inference
     load_artifacts: Callable[[Any, Any], Any]
+    #: (cfg, model, artifacts, run_dir, device) -> the run's family object (a LoadedRun subclass)
+    inference: type
 
 
 TASKS: dict[str, TaskSpec] = {}

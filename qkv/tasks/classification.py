@@ -410,7 +410,9 @@ def evaluate_file(cfg, model, artifacts: TextArtifacts, path: str | Path, run_di
     return {"data": str(path), "examples": len(texts), **metrics}
 
 
-for _name, _data, _make in (("classification", ClassificationData, ClassificationTask),
-                            ("embedding", EmbeddingData, EmbeddingTask)):
+from qkv.tasks.text_inference import TextClassifierRun, TextEmbedderRun  # noqa: E402 (it uses the above)
+
+for _name, _data, _make, _run in (("classification", ClassificationData, ClassificationTask, TextClassifierRun),
+                                  ("embedding", EmbeddingData, EmbeddingTask, TextEmbedderRun)):
     register(TaskSpec(name=_name, data_config=_data, model_config=EncoderOnlyConfig, decode_config=TextDecode,
-                      make_task=_make, build_model=build_model, load_artifacts=load_artifacts))
+                      make_task=_make, build_model=build_model, load_artifacts=load_artifacts, inference=_run))

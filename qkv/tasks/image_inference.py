@@ -1,6 +1,7 @@
 """Trained image runs at work: ``evaluate_run`` (``qkv evaluate``), ``classify_images`` (``qkv
-classify --image``), and the two ways they combine predictions, seed ensembles and test-time
-augmentation (TTA).
+classify --image``), the two ways they combine predictions, seed ensembles and test-time
+augmentation (TTA), and the family objects ``qkv.load`` returns for image runs
+(``ImageClassifierRun``, ``ImageEmbedderRun``).
 
 Both average class probabilities, which lowers the variance of a single small model's
 predictions (Dietterich 2000, "Ensemble Methods in Machine Learning"; Krizhevsky et al. 2012,
@@ -22,21 +23,27 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from qkv.data.images import ImageSet, load_images, normalize, shift_views
 from qkv.errors import CheckpointError, ConfigError, DataError
+from qkv.tasks.inference import LoadedRun, as_list, flagged
 from qkv.tasks.classification import write_confusion
 from qkv.tasks.vision import (
     CONFUSION,
     SPLIT,
     ImageArtifacts,
+    ImageClassificationTask,
+    ImageEmbeddingTask,
     forward_all,
     load_split_images,
+    read_images_for,
     read_raw_images,
     read_split,
     score_embedder,
     score_log_probs,
+    vit_of,
 )
 
 
@@ -103,7 +110,8 @@ def _members(cfg, model, artifacts, run_dir, ensemble, *, split: str | None = No
 
 
 def classify_images(cfg, model, artifacts: ImageArtifacts, paths: list[str], *, tta: bool | None = None,
-                    ensemble: list[Member] = (), run_dir=None) -> list[tuple[str, float]]:
+                    ensemble: list[Member] = (), run_dir=None, batch_size: int | None = None
+                    ) -> list[tuple[str, float]]:
     """(label, probability) of the most probable class of each image file, in order.
 
     ``tta`` (default: the run's decode.tta) and ``ensemble`` (more runs' Members) average the class
@@ -116,7 +124,8 @@ def classify_images(cfg, model, artifacts: ImageArtifacts, paths: list[str], *, 
     if not len(images):
         return []
     tta = cfg.decode.tta if tta is None else tta
-    probs = class_log_probs(members, images, batch_size=cfg.decode.batch_size, tta=tta).exp()  # (N, C)
+    batch_size = cfg.decode.batch_size if batch_size is None else batch_size
+    probs = class_log_probs(members, images, batch_size=batch_size, tta=tta).exp()  # (N, C)
     best_p, best = probs.max(-1)
     return [(artifacts.label_names[int(c)], float(p)) for c, p in zip(best, best_p)]
 
@@ -170,3 +179,95 @@ def _images_to_score(cfg, artifacts: ImageArtifacts, run_dir: Path, *, data: str
         raise DataError(f"{data}: label {unknown[0]!r} is not one of the run's classes {artifacts.label_names}")
     remap = torch.tensor([artifacts.label_names.index(n) for n in part.label_names])
     return ImageSet(part.images, remap[part.labels], artifacts.label_names, data), data
+
+
+# -- the family objects (qkv.load) ------------------------------------------------------------------
+class _ImageRun(LoadedRun):
+    """What the two image families share: embed, evaluate on a recorded split or a file, attention."""
+
+    inputs = "image"
+
+    def embed(self, paths, *, batch_size: int | None = None, **options) -> np.ndarray:
+        """(N, D) float32 unit-length embeddings of image files: the ViT's pooled output, normalised."""
+        from qkv.models.vit import ImageEmbedder
+
+        self.check_options("embed", options, ("batch_size",))
+        paths = [str(p) for p in as_list(paths, name="paths")]
+        embedder = ImageEmbedder(vit_of(self.model)).eval()
+        if not paths:
+            return np.zeros((0, vit_of(self.model).cfg.d_model), dtype=np.float32)
+        images = read_images_for(self.cfg, self.artifacts, paths)  # (N, C, H, W), normalised
+        with torch.no_grad():
+            out = forward_all(embedder, images, batch_size=batch_size or self.cfg.decode.batch_size)  # (N, D)
+        return out.cpu().numpy().astype(np.float32)
+
+    def _evaluate(self, *, data=None, split=None, tta=None, ensemble=None) -> dict:
+        """Metrics on the run's recorded ``split`` ("test" by default, or "valid"), or on ``data`` (an .npz
+        or a folder of class subfolders); see ``evaluate_run``."""
+        if split and data:
+            message = "{0}split and {0}data exclude each other: {0}split picks one of the run's recorded splits"
+            raise flagged(ConfigError(message.format("")), message.format("--"))
+        return evaluate_run(self.cfg, self.model, self.artifacts, self.run_dir, data=data, split=split or "test",
+                            tta=tta, ensemble=self.members(ensemble or ()))
+
+    def members(self, ensemble) -> list[Member]:
+        """More image classification runs to vote with: run directories or loaded ImageClassifierRuns."""
+        members = []
+        for item in ensemble:
+            if isinstance(item, LoadedRun):
+                if not isinstance(item, ImageClassifierRun):
+                    raise CheckpointError(f"{item.run_dir}: {item.a_kind} run cannot vote in an image ensemble")
+                members.append(Member(item.cfg, item.model, item.artifacts, item.run_dir))
+            else:
+                members += load_members([item], device=self.device)
+        return members
+
+    def _attention(self, path, layers):
+        """The self-attention over the class token and the patches of one image file."""
+        from qkv.attention_maps import AttentionSet, groups_of
+        from qkv.record import AttentionRecord
+
+        images = read_images_for(self.cfg, self.artifacts, [str(path)]).to(self.device)  # (1, C, H, W), normalised
+        vit = vit_of(self.model)
+        record = AttentionRecord(layers)
+        outputs = self.model(images, record=record)  # (1, classes) or (1, D)
+        H, W = images.shape[-2:]
+        gh, gw = H // vit.cfg.patch_size, W // vit.cfg.patch_size
+        labels = ["[class]"] * vit.n_special + [f"({r},{c})" for r in range(gh) for c in range(gw)]
+        prediction, title = None, str(path)
+        if vit.head is not None:
+            probs = outputs[0].float().softmax(-1)  # (classes,)
+            best = int(probs.argmax())
+            prediction = (self.artifacts.label_names[best], float(probs[best]))
+            title += f": {prediction[0]} ({prediction[1]:.2f})"
+        std = torch.tensor(self.artifacts.std)[:, None, None]
+        mean = torch.tensor(self.artifacts.mean)[:, None, None]
+        image = (images[0].cpu() * std + mean).clamp(0, 1)  # (C, H, W) back to [0, 1]
+        groups = groups_of(record.weights, {"encoder": (labels, labels)}, grid=(gh, gw), n_special=vit.n_special)
+        return AttentionSet(title, groups, image=image, prediction=prediction)
+
+
+class ImageClassifierRun(_ImageRun):
+    """A trained image classifier: classify, embed, evaluate (split, data, tta, ensemble), attention(image=...)."""
+
+    kind = "image-classification"
+    primary_metric = ImageClassificationTask.primary_metric
+    predicts = ("classify", "embed")
+    evaluate_options = ("data", "split", "tta", "ensemble")
+
+    def classify(self, paths, *, tta: bool | None = None, ensemble=(), batch_size: int | None = None,
+                 **options) -> list[tuple[str, float]]:
+        """(label, probability) of each image file; ``tta`` (default the run's decode.tta) and ``ensemble``
+        (run directories or loaded runs) average class probabilities."""
+        self.check_options("classify", options, ("tta", "ensemble", "batch_size"))
+        return classify_images(self.cfg, self.model, self.artifacts, [str(p) for p in as_list(paths, name="paths")],
+                               tta=tta, ensemble=self.members(ensemble), run_dir=self.run_dir, batch_size=batch_size)
+
+
+class ImageEmbedderRun(_ImageRun):
+    """A trained image embedder: embed, evaluate (split, data), attention(image=...)."""
+
+    kind = "image-embedding"
+    primary_metric = ImageEmbeddingTask.primary_metric
+    predicts = ("embed",)
+    evaluate_options = ("data", "split")

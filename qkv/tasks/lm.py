@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from qkv.data.lm import RandomBlocks, read_text, read_texts, split_ids
 from qkv.data.tokenizer import CharTokenizer, load_tokenizer, train_bpe
 from qkv.models.decoder_only import DecoderOnly, DecoderOnlyConfig
+from qkv.errors import ConfigError, DataError
+from qkv.generate import SamplingConfig
 from qkv.tasks import TaskSpec, register
+from qkv.tasks.inference import LoadedRun, as_list, flagged
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +47,6 @@ class LMData:
         for name in ("batch_size", "eval_batches", "batches_per_epoch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class LMDecode:
-    """Defaults for ``qkv generate``."""
-
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
 
 
 def build_tokenizer(data: LMData, train_text: str, valid_text: str | None):
@@ -124,12 +117,116 @@ def text_scores(loss: float, tokenizer, *, chars_per_token: float) -> dict[str, 
     return {"perplexity": ppl, "bits_per_char": bpc}
 
 
+# -- a trained run at work (qkv.load) --------------------------------------------------------------
+class LanguageModelRun(LoadedRun):
+    """A trained language model: generate (or stream) text, score a text file, attention over a text."""
+
+    kind = "language-model"
+    primary_metric = LMTask.primary_metric
+    predicts = ("generate",)
+    evaluate_options = ("text",)
+
+    def sampling(self, **given) -> SamplingConfig:
+        """The run's decode section (a SamplingConfig), with the values given (not None)."""
+        try:
+            return replace(self.cfg.decode, **{k: v for k, v in given.items() if v is not None})
+        except ValueError as err:  # "temperature must be ..." -> "--temperature must be ..."
+            name, _, rest = str(err).partition(" ")
+            raise flagged(ConfigError(str(err)), f"--{name.replace('_', '-')} {rest}") from None
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        try:
+            return self.artifacts.encode(prompt)
+        except DataError as err:
+            message = str(err).removeprefix("text: ")
+            raise flagged(DataError(f"prompt: {message}"), f"--prompt: {message}") from None
+
+    def stream(self, prompt: str = "", *, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+        """An iterator over the pieces of text that continue ``prompt``, as each token is sampled.
+
+        Settings and prompt are checked now, before the first token. The pieces joined equal
+        ``generate([prompt], ...)[0]`` without the prompt.
+        """
+        sampling = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        ids = self.prompt_ids(prompt)
+        return self._pieces(ids, sampling, torch.Generator(device=self.device).manual_seed(seed))
+
+    def _pieces(self, ids: list[int], sampling, generator):
+        from qkv.generate import generate
+
+        new: list[int] = []
+        shown = ""
+        for step in generate(self.model, [ids], sampling, generator=generator):
+            if step[0] is None:
+                break
+            new.append(step[0])
+            text = self.artifacts.decode(new)  # decode the whole tail: a BPE token may complete a character
+            yield text[len(shown):]
+            shown = text
+
+    def generate(self, prompts, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[str]:
+        """Each prompt followed by its sampled continuation; the prompts go through as one batch.
+
+        Defaults: the run's decode section. The same seed gives the same text (one prompt: what
+        ``qkv generate --seed`` prints).
+        """
+        from qkv.generate import generate
+
+        prompts = as_list(prompts, name="prompts")
+        sampling = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        ids = [self.prompt_ids(p) for p in prompts]
+        if not ids:
+            return []
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        new: list[list[int]] = [[] for _ in ids]
+        for step in generate(self.model, ids, sampling, generator=generator):
+            for row, token in enumerate(step):
+                if token is not None:
+                    new[row].append(token)
+        return [p + self.artifacts.decode(n) for p, n in zip(prompts, new)]
+
+    def _evaluate(self, *, text=None) -> dict:
+        """Loss, perplexity and bits per character on a UTF-8 text file (sliding windows of block_size)."""
+        from qkv.data.lm import read_text
+        from qkv.generate import perplexity_on_ids
+
+        if not text:
+            raise ConfigError(f"{self.run_dir} is a language-model run: evaluate needs a text file (--text FILE)")
+        content = read_text(text)
+        ids = self.artifacts.encode(content)
+        if len(ids) < 2:
+            raise ConfigError(f"--text {text}: too short to evaluate ({len(ids)} tokens)")
+        scored = perplexity_on_ids(self.model, ids, block_size=self.cfg.model.block_size)
+        scores = text_scores(scored["loss"], self.artifacts, chars_per_token=len(content) / len(ids))
+        return {"text": str(text), "tokens": scored["tokens"], "characters": len(content), "loss": scored["loss"],
+                **scores}
+
+    def _attention(self, text: str, layers):
+        from qkv.attention_maps import AttentionSet, groups_of, token_labels
+        from qkv.record import AttentionRecord
+
+        ids = self.artifacts.encode(text)
+        notes = []
+        block = self.cfg.model.block_size
+        if len(ids) > block:
+            notes.append(f"the text has {len(ids)} tokens; the model's context is {block}: its last {block} are shown")
+            ids = ids[-block:]
+        record = AttentionRecord(layers)
+        self.model(torch.tensor([ids], device=self.device), record=record)  # (1, T) -> (1, T, V)
+        labels = token_labels(self.artifacts, ids)
+        return AttentionSet(f"{len(ids)} tokens", groups_of(record.weights, {"decoder": (labels, labels)}),
+                            notes=notes)
+
+
 register(TaskSpec(
     name="lm",
     data_config=LMData,
     model_config=DecoderOnlyConfig,
-    decode_config=LMDecode,
+    decode_config=SamplingConfig,  # the decode: section holds qkv generate's defaults
     make_task=LMTask,
     build_model=lambda cfg: DecoderOnly(cfg.model),
     load_artifacts=lambda cfg, run_dir: load_tokenizer(Path(run_dir) / TOKENIZER),
+    inference=LanguageModelRun,
 ))

@@ -2,14 +2,15 @@
 
 The same data, tokenizers, batches, loss, BLEU and decoding as the ``translation`` task; only
 the model section differs (``RNNSeq2SeqConfig``), so it is its own task, ``translation-rnn``,
-and each config stays strict. ``qkv translate`` and ``qkv evaluate`` accept both.
+and each config stays strict. A trained run of either is a ``TranslationRun``: ``qkv translate``
+and ``qkv evaluate`` treat both alike.
 """
 
 from __future__ import annotations
 
 from qkv.models.rnn_seq2seq import RNNSeq2Seq, RNNSeq2SeqConfig
 from qkv.tasks import TaskSpec, register
-from qkv.tasks.translation import TranslationData, TranslationDecode, TranslationTask, load_tokenizers
+from qkv.tasks.translation import TranslationData, TranslationDecode, TranslationRun, TranslationTask, load_tokenizers
 
 
 class RNNTranslationTask(TranslationTask):
@@ -27,4 +28,5 @@ register(TaskSpec(
     make_task=RNNTranslationTask,
     build_model=lambda cfg: RNNSeq2Seq(cfg.model),
     load_artifacts=lambda cfg, run_dir: load_tokenizers(run_dir),
+    inference=TranslationRun,
 ))

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from qkv.data.batching import collate_pairs, token_batches
 from qkv.data.parallel import ParallelCorpus, read_parallel, read_parallel_tsv
 from qkv.data.tokenizer import TextTokenizer, train_translation_tokenizers
-from qkv.errors import DataError
+from qkv.errors import ConfigError, DataError
 from qkv.models.transformer import Transformer, TransformerConfig
 from qkv.tasks import TaskSpec, register
+from qkv.tasks.inference import LoadedRun, as_list
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,82 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, *, pad_id: int,
     return loss_sum / max(n_tokens, 1), n_tokens
 
 
+# -- a trained run at work (qkv.load) --------------------------------------------------------------
+class TranslationRun(LoadedRun):
+    """A trained translation run (Transformer or RNN): translate, BLEU/chrF on a file pair, attention."""
+
+    kind = "translation"
+    primary_metric = TranslationTask.primary_metric
+    predicts = ("translate",)
+    evaluate_options = ("src", "ref", "beam", "output")
+
+    def translate(self, texts, *, beam: int | None = None, names=None) -> list[str]:
+        """Translate each text (beam search, default the run's decode.beam_size; 1 = greedy); blank texts give "".
+
+        ``names`` (one per text, e.g. "input.txt:3") name a text in errors.
+        """
+        texts = as_list(texts, name="texts")
+        d = self.cfg.decode
+        beam = d.beam_size if beam is None else beam
+        if not isinstance(beam, int) or beam < 1:
+            raise ValueError(f"beam must be an int >= 1, got {beam!r}")
+        keep = [i for i, text in enumerate(texts) if text.strip()]
+        src_tok, tgt_tok = self.artifacts
+        from qkv.decode import translate
+
+        hyps = translate(self.model, src_tok, tgt_tok, [texts[i] for i in keep], beam_size=beam,
+                         length_penalty=d.length_penalty, batch_size=d.batch_size, device=self.device,
+                         names=None if names is None else [names[i] for i in keep])
+        out = [""] * len(texts)
+        for i, hyp in zip(keep, hyps):
+            out[i] = hyp
+        return out
+
+    def _evaluate(self, *, src=None, ref=None, beam=None, output=None) -> dict:
+        """sacreBLEU and chrF of the translations of ``src`` against ``ref`` (aligned files); ``output``
+        also receives the hypotheses, one per line."""
+        from qkv.data.parallel import read_parallel
+        from qkv.decode import translate
+        from qkv.metrics import corpus_scores
+
+        if not src or not ref:
+            raise ConfigError(f"{self.run_dir} is a translation run: evaluate needs src and ref files "
+                              "(--src FILE --ref FILE)")
+        corpus = read_parallel(src, ref)
+        d = self.cfg.decode
+        beam = d.beam_size if beam is None else beam
+        hyps = translate(self.model, *self.artifacts, corpus.src, beam_size=beam, length_penalty=d.length_penalty,
+                         batch_size=d.batch_size, device=self.device)
+        if output:
+            from qkv.fileio import atomic_write_bytes
+
+            atomic_write_bytes(Path(output), "".join(h + "\n" for h in hyps).encode("utf-8"))
+        return {"sentences": len(hyps), "beam": beam, **corpus_scores(hyps, corpus.tgt)}
+
+    def _attention(self, text: str, layers):
+        """Translate (the run's beam), then teacher-force the hypothesis to read every weight."""
+        from qkv.attention_maps import AttentionSet, groups_of, token_labels
+        from qkv.decode import beam_search, greedy_decode
+        from qkv.record import AttentionRecord
+
+        src_tok, tgt_tok = self.artifacts
+        src_ids = src_tok.encode(text) + [src_tok.eos_id]  # as qkv.decode.translate does
+        src = torch.tensor([src_ids], device=self.device)  # (1, S)
+        d = self.cfg.decode
+        hyp = (greedy_decode(self.model, src) if d.beam_size == 1
+               else beam_search(self.model, src, beam_size=d.beam_size, length_penalty=d.length_penalty))[0]
+        tgt_in = [tgt_tok.bos_id, *hyp]  # the decoder's input; it produces hyp + [eos]
+        record = AttentionRecord(layers)
+        self.model(src, torch.tensor([tgt_in], device=self.device), record=record)
+        src_labels = token_labels(src_tok, src_ids)
+        labels = {"encoder": (src_labels, src_labels),
+                  "decoder": (token_labels(tgt_tok, tgt_in), token_labels(tgt_tok, tgt_in)),
+                  "cross": (token_labels(tgt_tok, [*hyp, tgt_tok.eos_id]), src_labels)}
+        notes = ["cross-attention rows are labelled with the token being produced; decoder self-attention rows "
+                 "with the decoder's input (it starts with <bos>)"]
+        return AttentionSet(f"{text!r} -> {tgt_tok.decode(hyp)!r}", groups_of(record.weights, labels), notes=notes)
+
+
 def _build_model(cfg) -> Transformer:
     return Transformer(cfg.model)
 
@@ -205,4 +282,5 @@ register(TaskSpec(
     make_task=TranslationTask,
     build_model=_build_model,
     load_artifacts=lambda cfg, run_dir: load_tokenizers(run_dir),
+    inference=TranslationRun,
 ))

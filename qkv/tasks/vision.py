@@ -363,7 +363,9 @@ def read_images_for(cfg, artifacts: ImageArtifacts, paths: list[str]) -> torch.T
     return normalize(read_raw_images(cfg, paths), artifacts.mean, artifacts.std)
 
 
-for _name, _data, _make in (("image_classification", ImageData, ImageClassificationTask),
-                            ("image_embedding", ImageEmbeddingData, ImageEmbeddingTask)):
+from qkv.tasks.image_inference import ImageClassifierRun, ImageEmbedderRun  # noqa: E402 (it uses the above)
+
+for _name, _data, _make, _run in (("image_classification", ImageData, ImageClassificationTask, ImageClassifierRun),
+                                  ("image_embedding", ImageEmbeddingData, ImageEmbeddingTask, ImageEmbedderRun)):
     register(TaskSpec(name=_name, data_config=_data, model_config=ViTConfig, decode_config=ImageDecode,
-                      make_task=_make, build_model=build_model, load_artifacts=load_artifacts))
+                      make_task=_make, build_model=build_model, load_artifacts=load_artifacts, inference=_run))
