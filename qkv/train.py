@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from qkv import checkpoint as ckpt
 from qkv import distributed, mfu
 from qkv.config import TrainConfig
-from qkv.errors import CheckpointError, TrainingError
+from qkv.errors import CheckpointError, ConfigError, TrainingError
 from qkv.schedules import multiplier
 
 log = logging.getLogger(__name__)
@@ -88,28 +87,50 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def layer_depth(name: str, n_layers: int) -> int:
-    """Depth of a parameter for layer-wise learning rates: 0 for embeddings, i + 1 for
-    ``...layers.i...``, n_layers + 1 for everything after the stack (final norm, heads)."""
-    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    return 0 if "embed" in name or "positions" in name else n_layers + 1
+def layer_depths(model: nn.Module) -> tuple[dict[int, int], int]:
+    """id(parameter) -> its index in ``model.layer_groups()``, and the number of groups.
+
+    The contract (house style rule 20): group 0 the embeddings, then one group per layer in depth
+    order (an encoder-decoder: the encoder's layers, then the decoder's), the last one the head,
+    final norm and output; every trainable parameter exactly once.
+    """
+    if not callable(getattr(model, "layer_groups", None)):
+        raise ConfigError(f"train.layer_lr_decay < 1 needs the model's layer_groups(); "
+                          f"{type(model).__name__} has none")
+    groups = model.layer_groups()
+    depth: dict[int, int] = {}
+    for i, group in enumerate(groups):
+        for p in group:
+            if id(p) in depth:
+                raise ValueError(f"{type(model).__name__}.layer_groups() lists a parameter in groups "
+                                 f"{depth[id(p)]} and {i}; each parameter belongs to one group")
+            depth[id(p)] = i
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in depth]
+    if missing:
+        raise ValueError(f"{type(model).__name__}.layer_groups() leaves out {missing[0]!r}")
+    return depth, len(groups)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: no weight decay on vectors (norms, biases); with ``layer_lr_decay`` < 1 each
-    depth d also gets ``lr_scale`` = decay^(n_layers + 1 - d) (Howard & Ruder 2018; ELECTRA's recipe)."""
+    layer group also gets its own ``lr_scale`` (Howard & Ruder 2018; ELECTRA's recipe).
+
+    With ``model.layer_groups()`` = [embeddings, layer 1 .. layer n, head] (see ``layer_depths``),
+    group i gets lr * decay^(n + 1 - i): the embeddings decay^(n + 1), layer i decay^(n + 1 - i),
+    the head 1. These are the exponents of the name-based depth this replaced (embeddings 0,
+    ``layers.i`` i + 1, the rest n + 1), so a BERT fine-tune (SST-2) gets the same groups as before;
+    an encoder-decoder now gets one scale per layer of both stacks (n = n_enc + n_dec), not 2.
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    depths = [layer_depth(n, 0) for n, _ in named]
-    n_layers = max(depths, default=0)  # deepest "layers.i" + 1 (1 when there are none)
+    layered = cfg.layer_lr_decay < 1.0
+    depths, n_groups = layer_depths(model) if layered else ({}, 1)
     groups: dict[tuple[int, bool], dict] = {}
-    for name, p in named:
-        depth = layer_depth(name, n_layers) if cfg.layer_lr_decay < 1.0 else 0
+    for _, p in named:
+        depth = depths.get(id(p), 0)
         decay = p.dim() >= 2 and cfg.optimizer == "adamw"
         key = (depth, decay)
         if key not in groups:
-            scale = cfg.layer_lr_decay ** (n_layers + 1 - depth) if cfg.layer_lr_decay < 1.0 else 1.0
+            scale = cfg.layer_lr_decay ** (n_groups - 1 - depth) if layered else 1.0
             groups[key] = {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]

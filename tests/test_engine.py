@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from qkv import checkpoint as ckpt
 from qkv.errors import CheckpointError, ConfigError, TrainingError
@@ -186,32 +187,126 @@ def test_training_options_run_and_learn(tmp_path, settings):
     assert all(math.isfinite(x) for x in losses) and min(losses[-3:]) < losses[0]
 
 
-def test_layer_wise_learning_rates_and_decay_groups():
-    from qkv.config import TrainConfig
-    from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig, SequenceClassifier
-    from qkv.train import build_optimizer, layer_depth
-
-    assert layer_depth("encoder.embed.weight", 2) == 0
-    assert layer_depth("encoder.layers.0.ff.w_1.weight", 2) == 1
-    assert layer_depth("encoder.layers.1.ff.w_1.bias", 2) == 2
-    assert layer_depth("head.weight", 2) == 3
-    model = SequenceClassifier(EncoderOnly(EncoderOnlyConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32,
-                                                             n_layers=2, max_len=16)), n_classes=2)
-    cfg = TrainConfig(optimizer="adamw", lr=1.0, weight_decay=0.01, layer_lr_decay=0.5)
-    opt = build_optimizer(model, cfg)
+def _scales(opt) -> dict[int, tuple[float, float]]:
+    """id(parameter) -> (lr_scale, weight_decay) of its optimizer group; each parameter in one group."""
     scale = {}
     for group in opt.param_groups:
         for p in group["params"]:
+            assert id(p) not in scale
             scale[id(p)] = (group["lr_scale"], group["weight_decay"])
+    return scale
+
+
+def _name_based_depth(name: str, n_layers: int) -> int:
+    """The regex over parameter names that layer_groups() replaced: the reference for "unchanged"."""
+    import re
+
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if "embed" in name or "positions" in name else n_layers + 1
+
+
+def _classifier():
+    from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig, SequenceClassifier
+
+    torch.manual_seed(0)
+    return SequenceClassifier(EncoderOnly(EncoderOnlyConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32,
+                                                            n_layers=2, max_len=16)), n_classes=2)
+
+
+def test_layer_wise_learning_rates_and_decay_groups_are_unchanged_for_encoder_only():
+    """BERT fine-tuning (SST-2) gets today's groups: embeddings decay^3, layer i decay^(2 - i), head 1."""
+    from qkv.config import TrainConfig
+    from qkv.train import build_optimizer
+
+    model = _classifier()
+    cfg = TrainConfig(optimizer="adamw", lr=1.0, weight_decay=0.01, layer_lr_decay=0.5)
+    opt = build_optimizer(model, cfg)
+    scale = _scales(opt)
     named = dict(model.named_parameters())
     assert scale[id(named["encoder.layers.1.self_attn.qkv_proj.weight"])] == (0.5, 0.01)
     assert scale[id(named["encoder.layers.0.self_attn.qkv_proj.bias"])] == (0.25, 0.0)
     assert scale[id(named["encoder.embed.weight"])][0] == 0.125
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)  # every parameter once
+    assert scale[id(named["head.weight"])] == (1.0, 0.01)
+    assert len(scale) == len(named)  # every parameter once
+    for name, p in named.items():  # every parameter as the name-based depth put it
+        depth = _name_based_depth(name, 2)
+        assert scale[id(p)] == (0.5 ** (3 - depth), 0.01 if p.dim() >= 2 else 0.0), name
+    groups = [([id(p) for p in g["params"]], g["lr_scale"], g["weight_decay"]) for g in opt.param_groups]
+    assert len(groups) == 8  # 4 depths x (decay, no decay)
     flat = build_optimizer(model, TrainConfig(optimizer="adamw"))
     assert {g["lr_scale"] for g in flat.param_groups} == {1.0}
     with pytest.raises(ConfigError, match="layer_lr_decay"):
         TrainConfig(layer_lr_decay=0.0)
+
+
+def _family(name: str):
+    """(a tiny model of each family, its number of layers)."""
+    torch.manual_seed(0)
+    if name == "transformer":
+        from qkv.models.transformer import Transformer, TransformerConfig
+
+        return Transformer(TransformerConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=16, n_heads=2, d_ff=32,
+                                             n_encoder_layers=2, n_decoder_layers=3, max_len=16)), 5
+    if name == "decoder_only":
+        from qkv.models.decoder_only import DecoderOnly, DecoderOnlyConfig
+
+        return DecoderOnly(DecoderOnlyConfig(vocab_size=20, block_size=8, d_model=16, n_heads=2, n_layers=3)), 3
+    if name == "encoder_only":
+        return _classifier(), 2
+    if name == "vit":
+        from qkv.models.vit import ViT, ViTConfig
+
+        return ViT(ViTConfig(image_size=8, channels=1, patch_size=2, d_model=16, n_heads=2, d_ff=32, n_layers=3,
+                             n_classes=3)), 3
+    from qkv.models.rnn_seq2seq import RNNSeq2Seq, RNNSeq2SeqConfig
+
+    return RNNSeq2Seq(RNNSeq2SeqConfig(src_vocab_size=20, tgt_vocab_size=20, d_embed=8, d_hidden=16,
+                                       n_encoder_layers=2, n_decoder_layers=2)), None
+
+
+@pytest.mark.parametrize("family", ["transformer", "decoder_only", "encoder_only", "vit", "rnn_seq2seq"])
+def test_layer_lr_decay_gives_one_scale_per_layer_in_every_family(family):
+    from qkv.config import TrainConfig
+    from qkv.train import build_optimizer
+
+    model, n_layers = _family(family)
+    layer_groups = model.layer_groups()
+    if n_layers is not None:
+        assert len(layer_groups) == n_layers + 2  # embeddings, each layer, head
+    scale = _scales(build_optimizer(model, TrainConfig(optimizer="adamw", lr=1.0, layer_lr_decay=0.5)))
+    assert len(scale) == len(list(model.parameters()))  # every parameter once
+    for i, group in enumerate(layer_groups):  # group i of the model's layer_groups gets decay^(n + 1 - i)
+        assert {scale[id(p)][0] for p in group} <= {0.5 ** (len(layer_groups) - 1 - i)}
+    # a group may be empty (a post-norm Transformer with a tied output has no head parameters of its own)
+    assert len({s for s, _ in scale.values()}) == sum(1 for group in layer_groups if group)
+    assert all(layer_groups[1:-1])  # every layer has parameters
+
+
+def test_layer_lr_decay_checks_the_models_layer_groups():
+    from qkv.config import TrainConfig
+    from qkv.train import build_optimizer
+
+    cfg = TrainConfig(optimizer="adamw", layer_lr_decay=0.9)
+    plain = nn.Sequential(nn.Linear(3, 3))
+    build_optimizer(plain, TrainConfig(optimizer="adamw"))  # without layer-wise decay no groups are needed
+    with pytest.raises(ConfigError, match="layer_groups"):
+        build_optimizer(plain, cfg)
+
+    class Grouped(nn.Sequential):
+        def __init__(self, groups):
+            super().__init__(nn.Linear(3, 3), nn.Linear(3, 3))
+            self.groups = groups
+
+        def layer_groups(self):
+            return self.groups(self)
+
+    build_optimizer(Grouped(lambda m: [[m[0].weight, m[0].bias], [m[1].weight, m[1].bias]]), cfg)
+    with pytest.raises(ValueError, match="leaves out '1.bias'"):
+        build_optimizer(Grouped(lambda m: [[m[0].weight, m[0].bias], [m[1].weight]]), cfg)
+    with pytest.raises(ValueError, match="groups 0 and 1"):
+        build_optimizer(Grouped(lambda m: [list(m[0].parameters()), list(m.parameters())]), cfg)
 
 
 def test_log_records_the_largest_gradient_norm_before_clipping(tmp_path):
