@@ -22,10 +22,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from qkv.masks import causal_mask, check_mask
+from qkv.masks import broadcasts_to, causal_mask, check_mask
 
 __all__ = [
     "Retrieval",
+    "attend",
     "retrieve",
     "scaled_dot_product_attention",
     "attention_from_scores",
@@ -128,7 +129,8 @@ def scaled_dot_product_attention(
     Returns the output (B, H, T, Dh), or (output, weights (B, H, T, S)) when return_weights.
 
     Without weights the fused kernel ``F.scaled_dot_product_attention`` runs; with weights the
-    explicit math below runs. Tests prove the two agree.
+    explicit math of ``attend`` runs. Tests prove the two agree. Every argument is checked here,
+    then ``attend`` computes; modules call ``attend`` directly.
     """
     _check_qkv(q, k, v)
     B, H, T, Dh = q.shape
@@ -148,19 +150,30 @@ def scaled_dot_product_attention(
     if bias is not None:
         if not bias.is_floating_point():
             raise ValueError(f"bias must be a floating-point tensor, got dtype {bias.dtype}")
-        try:
-            check_bias_shape = torch.broadcast_shapes(bias.shape, (B, H, T, S))
-        except RuntimeError:
-            check_bias_shape = None
-        if check_bias_shape != torch.Size((B, H, T, S)):
+        if not broadcasts_to(bias.shape, (B, H, T, S)):
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to {(B, H, T, S)}")
+    return attend(q, k, v, mask=mask, causal=causal, bias=bias, dropout_p=dropout_p, scale=scale,
+                  weights=return_weights)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+           causal: bool = False, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+           scale: float | None = None, weights: bool = False):
+    """The kernel of ``scaled_dot_product_attention`` without its checks (style rule 19).
+
+    Eq. 1: softmax(Q K^T / sqrt(d_k) + bias) V, with the shapes and conventions of
+    ``scaled_dot_product_attention``. For modules whose inputs were validated once at the model's
+    entry: no argument checks and no reads of tensor data, so nothing here breaks a
+    ``torch.compile`` graph or syncs a GPU. Returns the output (B, H, T, Dh), or (output, weights
+    (B, H, T, S)) from the explicit math path when ``weights``.
+    """
+    T, S, Dh = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
     if causal and T == 1:  # one new query at the end sees every key: no mask to build
         causal = False
-
-    if not return_weights:
+    if not weights:
         return _fused(q, k, v, mask=mask, causal=causal, bias=bias, dropout_p=dropout_p, scale=scale)
-
+    H, Hkv = q.shape[1], k.shape[1]
     if Hkv != H:  # each key/value head serves H // Hkv query heads
         k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
         v = v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)

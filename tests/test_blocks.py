@@ -3,17 +3,11 @@
 import pytest
 import torch
 
-from qkv.blocks import (
-    BlockConfig,
-    DecoderBlock,
-    EncoderBlock,
-    encoder_block_inference,
-    flat_inference_ready,
-    wanted_layers,
-)
+from qkv.blocks import BlockConfig, DecoderBlock, EncoderBlock, encoder_block_inference
 from qkv.layers import KVCache
 from qkv.masks import lengths_mask
 from qkv.positional import ALiBi, RotaryEmbedding
+from qkv.record import AttentionRecord
 
 B, T, S = 3, 6, 5
 
@@ -27,9 +21,9 @@ def config(**overrides):
 def positions(kind, cfg):
     """Keyword arguments giving a block relative positions inside attention."""
     if kind == "rope":
-        return dict(rope=RotaryEmbedding(cfg.d_model // cfg.n_heads))
+        return dict(position=RotaryEmbedding(cfg.d_model // cfg.n_heads))
     if kind == "alibi":
-        return dict(alibi=ALiBi(cfg.n_heads))
+        return dict(position=ALiBi(cfg.n_heads))
     return {}
 
 
@@ -43,6 +37,15 @@ def call(block, x, memory, **kwargs):
     if isinstance(block, EncoderBlock):
         return block(x, **kwargs)
     return block(x, memory=memory if block.cross_attn is not None else None, **kwargs)
+
+
+def recorded(block, x, memory, **kwargs):
+    """The block's output and {"self": ..., "cross": ...}: what its AttentionRecord slot received."""
+    stack = "encoder" if isinstance(block, EncoderBlock) else "decoder"
+    record = AttentionRecord()
+    out = call(block, x, memory, record=record.layer(stack, 0, 1), **kwargs)
+    kinds = {stack: "self", "cross": "cross"}
+    return out, {kinds[kind]: layers[0] for kind, layers in record.weights.items()}
 
 
 KINDS = ["encoder", "decoder", "decoder-only"]
@@ -92,12 +95,12 @@ def test_dropout_only_in_training():
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_return_weights_gives_dict_of_maps(kind, norm_first):
+def test_record_slot_receives_each_attention_map(kind, norm_first):
     block = build(kind, config(norm_first=norm_first)).eval()
     x, memory = torch.randn(B, T, 16), torch.randn(B, S, 16)
     memory_mask = lengths_mask(torch.tensor([5, 3, 1]), S)
     kwargs = dict(memory_mask=memory_mask) if kind == "decoder" else {}
-    out, weights = call(block, x, memory, return_weights=True, **kwargs)
+    out, weights = recorded(block, x, memory, **kwargs)
     torch.testing.assert_close(out, call(block, x, memory, **kwargs), atol=1e-5, rtol=1e-5)  # math == fused
     expected = {"self": (B, 4, T, T)}
     if kind == "decoder":
@@ -180,10 +183,10 @@ def test_cached_decoding_equals_full_pass(kind, norm_first, pos):
 def test_cached_decoding_with_weights():
     block = build("decoder", config()).eval()
     x, memory = torch.randn(B, T, 16), torch.randn(B, S, 16)
-    _, full = block(x, memory=memory, return_weights=True)
+    _, full = recorded(block, x, memory)
     cache = (KVCache(), KVCache())
     for t in range(T):
-        _, weights = block(x[:, t:t + 1], memory=memory, cache=cache, return_weights=True)
+        _, weights = recorded(block, x[:, t:t + 1], memory, cache=cache)
         torch.testing.assert_close(weights["self"][:, :, 0], full["self"][:, :, t, :t + 1], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(weights["cross"][:, :, 0], full["cross"][:, :, t], atol=1e-6, rtol=1e-5)
 
@@ -223,23 +226,17 @@ def test_block_config_is_frozen():
         config().d_model = 8
 
 
-@pytest.mark.parametrize("request_, n_layers, expected", [
-    (True, 3, {0, 1, 2}),
-    (False, 3, set()),
-    ([], 3, set()),
-    ([0, 2], 3, {0, 2}),
-    ([-1], 3, {2}),
-    ((-3, 1, 1), 3, {0, 1}),
-    (range(2), 4, {0, 1}),
-])
-def test_wanted_layers(request_, n_layers, expected):
-    assert wanted_layers(request_, n_layers) == expected
+def test_block_config_from_a_family_config_copies_fields_of_the_same_name():
+    from qkv.models.decoder_only import DecoderOnlyConfig
+    from qkv.models.vit import ViTConfig
 
-
-@pytest.mark.parametrize("request_, bad", [([3], r"\[3\]"), ([0, -4], r"\[-4\]"), ([5, 7], r"\[5, 7\]")])
-def test_wanted_layers_rejects_missing_layers(request_, bad):
-    with pytest.raises(ValueError, match=rf"return_attention names layers {bad}, but the stack has 3 layers"):
-        wanted_layers(request_, 3)
+    family = DecoderOnlyConfig(vocab_size=10, d_model=32, n_heads=4, n_kv_heads=2, d_ff=0, dropout=0.3, bias=False)
+    assert family.block() == BlockConfig(d_model=32, n_heads=4, d_ff=128, n_kv_heads=2, dropout=0.3,
+                                         attn_dropout=0.0, activation="gelu", norm_first=True, bias=False)
+    vit = BlockConfig.from_config(ViTConfig(d_model=32, n_heads=4, norm_eps=1e-6), norm_first=True)
+    assert (vit.norm_eps, vit.norm_first, vit.d_model) == (1e-6, True, 32)
+    with pytest.raises(ValueError, match="BlockConfig has no field 'n_layers'"):
+        BlockConfig.from_config(family, n_layers=3)
 
 
 # ---------------------------------------------------------------- the flat inference path
@@ -253,7 +250,7 @@ def test_encoder_block_inference_equals_the_module_path(activation, norm, bias):
     for p in block.parameters():  # biases and norm weights away from their 0 / 1 init
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(B, T, 16)
-    assert flat_inference_ready(block)
+    assert block.self_attn.is_plain
     with torch.inference_mode():
         flat = encoder_block_inference(block, x.reshape(B * T, 16), B)
         expected = block(x)
@@ -261,9 +258,26 @@ def test_encoder_block_inference_equals_the_module_path(activation, norm, bias):
     torch.testing.assert_close(flat.view(B, T, 16), expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("change", ["post-norm", "rope", "alibi", "gqa", "train"])
-def test_flat_inference_path_refuses_what_it_does_not_compute(change):
-    cfg = config(norm_first=change != "post-norm", n_kv_heads=2 if change == "gqa" else None)
-    block = EncoderBlock(cfg, **positions(change if change in ("rope", "alibi") else "none", cfg))
-    assert flat_inference_ready(block.eval()) is (change == "train")
-    assert not flat_inference_ready(block.train())
+@pytest.mark.parametrize("pos", ["rope", "alibi", "gqa"])
+def test_encoder_block_inference_composes_the_attention_steps(pos):
+    """It calls project / attend / output, so relative positions and grouped heads need no guard."""
+    cfg = config(norm_first=True, n_kv_heads=2 if pos == "gqa" else None)
+    block = EncoderBlock(cfg, **positions(pos, cfg)).eval()
+    x = torch.randn(B, T, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder_block_inference(block, x.reshape(B * T, 16), B).view(B, T, 16), block(x),
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_encoder_block_inference_refuses_post_norm():
+    block = EncoderBlock(config(norm_first=False)).eval()
+    with pytest.raises(ValueError, match="pre-norm blocks"):
+        encoder_block_inference(block, torch.randn(B * T, 16), B)
+
+
+@pytest.mark.parametrize("change", ["none", "rope", "alibi", "gqa", "cross"])
+def test_is_plain_says_whether_attention_is_plain_multi_head_self_attention(change):
+    cfg = config(n_kv_heads=2 if change == "gqa" else None)
+    block = DecoderBlock(cfg, **positions(change, cfg))
+    assert block.self_attn.is_plain is (change in ("none", "cross"))
+    assert not block.cross_attn.is_plain

@@ -6,14 +6,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkv.layers import FeedForward, KVCache, MultiHeadAttention, SwiGLU, make_feedforward, make_norm
+from qkv.attention import scaled_dot_product_attention
+from qkv.layers import FeedForward, KVCache, MultiHeadAttention, StackCache, SwiGLU, make_feedforward, make_norm
 from qkv.masks import causal_mask, lengths_mask
 from qkv.positional import ALiBi, RotaryEmbedding
+from qkv.record import AttentionRecord
 
 D, H = 16, 4
 
 
 # ---------------------------------------------------------------- against nn.MultiheadAttention
+
+def with_weights(mha, x, **kwargs):
+    """The layer's output, and the weights (B, H, T, S) it put into its AttentionRecord slot."""
+    record = AttentionRecord()
+    out = mha(x, record=record.layer("decoder" if mha.cross else "encoder", 0, 1), **kwargs)
+    return out, record.weights["cross" if mha.cross else "encoder"][0]
+
 
 def torch_and_ours(*, cross: bool, bias: bool = True):
     """nn.MultiheadAttention and our layer with the same weights (rows of in_proj_weight are q, k, v)."""
@@ -57,7 +66,7 @@ def test_matches_torch_multihead_attention(kind, padding, bias):
         ref_out, ref_weights = ref(x, memory, memory, key_padding_mask=None if mask is None else ~mask[:, 0, 0],
                                    average_attn_weights=True)
     kwargs = dict(mask=mask, causal=kind == "causal", memory=memory if kind == "cross" else None)
-    out, weights = ours(x, return_weights=True, **kwargs)
+    out, weights = with_weights(ours, x, **kwargs)
     fused = ours(x, **kwargs)
     assert out.shape == (B, T, D) and weights.shape == (B, H, T, S)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
@@ -70,7 +79,7 @@ def test_matches_torch_per_head_weights():
     ref, ours = torch_and_ours(cross=False)
     x = torch.randn(2, 4, D)
     _, ref_weights = ref(x, x, x, average_attn_weights=False)
-    _, weights = ours(x, return_weights=True)
+    _, weights = with_weights(ours, x)
     torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
 
 
@@ -87,24 +96,23 @@ def test_gradients_match_torch():
 
 VARIANTS = {
     "plain": dict(),
-    "rope": dict(rope=RotaryEmbedding(D // H)),
-    "alibi": dict(alibi=ALiBi(H)),
+    "rope": dict(position=RotaryEmbedding(D // H)),
+    "alibi": dict(position=ALiBi(H)),
     "gqa": dict(n_kv_heads=2),
-    "mqa+rope": dict(n_kv_heads=1, rope=RotaryEmbedding(D // H)),
-    "gqa+alibi": dict(n_kv_heads=2, alibi=ALiBi(H)),
+    "mqa+rope": dict(n_kv_heads=1, position=RotaryEmbedding(D // H)),
+    "gqa+alibi": dict(n_kv_heads=2, position=ALiBi(H)),
 }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("return_weights", [False, True])
-def test_future_tokens_do_not_change_the_past(variant, return_weights):
+@pytest.mark.parametrize("recorded", [False, True])
+def test_future_tokens_do_not_change_the_past(variant, recorded):
     mha = MultiHeadAttention(D, H, **VARIANTS[variant]).eval()
     x = torch.randn(2, 6, D)
     changed = x.clone()
     changed[:, 4:] = torch.randn(2, 2, D)
-    out = mha(x, causal=True, return_weights=return_weights)
-    out2 = mha(changed, causal=True, return_weights=return_weights)
-    out, out2 = (out[0], out2[0]) if return_weights else (out, out2)
+    call = (lambda x: with_weights(mha, x, causal=True)[0]) if recorded else (lambda x: mha(x, causal=True))
+    out, out2 = call(x), call(changed)
     torch.testing.assert_close(out[:, :4], out2[:, :4])
     assert not torch.allclose(out[:, 4:], out2[:, 4:])
 
@@ -126,15 +134,50 @@ def test_cached_decoding_equals_full_pass(variant, chunks):
 
 
 def test_cached_decoding_with_weights_and_padding_mask():
-    mha = MultiHeadAttention(D, H, alibi=ALiBi(H)).eval()
+    mha = MultiHeadAttention(D, H, position=ALiBi(H)).eval()
     x = torch.randn(2, 6, D)
     mask = torch.tensor([[True] * 6, [False, True, True, True, True, True]])[:, None, None, :]  # left padding
-    full, full_weights = mha(x, mask=mask, causal=True, return_weights=True)
+    full, full_weights = with_weights(mha, x, mask=mask, causal=True)
     cache = KVCache()
     for t in range(6):
-        out, weights = mha(x[:, t:t + 1], mask=mask[..., :t + 1], causal=True, cache=cache, return_weights=True)
+        out, weights = with_weights(mha, x[:, t:t + 1], mask=mask[..., :t + 1], causal=True, cache=cache)
         torch.testing.assert_close(out[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(weights[:, :, 0], full_weights[:, :, t, :t + 1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_is_its_three_steps_and_recorded_weights_are_the_math_path(variant):
+    mha = MultiHeadAttention(D, H, **VARIANTS[variant]).eval()
+    x = torch.randn(2, 5, D)
+    q, k, v, offset = mha.project(x)  # (B, H, T, Dh), (B, Hkv, T, Dh) x 2
+    assert torch.equal(mha(x, causal=True), mha.output(mha.attend(q, k, v, causal=True, offset=offset)))
+    bias = mha.position.bias(5, 5, offset=0) if mha.position is not None else None
+    heads, expected = scaled_dot_product_attention(q, k, v, causal=True, bias=bias, return_weights=True)
+    out, weights = with_weights(mha, x, causal=True)
+    assert torch.equal(weights, expected) and torch.equal(out, mha.output(heads))
+
+
+def test_qkv_weights_are_the_rows_of_the_fused_projection():
+    mha = MultiHeadAttention(D, H, n_kv_heads=2)
+    (w_q, w_k, w_v), (b_q, b_k, b_v) = mha.qkv_weights()
+    assert (w_q.shape, w_k.shape, w_v.shape) == ((D, D), (D // 2, D), (D // 2, D))
+    x = torch.randn(3, D)
+    torch.testing.assert_close(torch.cat([x @ w_q.T + b_q, x @ w_k.T + b_k, x @ w_v.T + b_v], -1), mha.qkv_proj(x))
+    with pytest.raises(ValueError, match="cross=True"):
+        MultiHeadAttention(D, H, cross=True).qkv_weights()
+
+
+def test_stack_cache_reorders_the_used_part_of_self_attention_and_the_cross_cache():
+    cache = StackCache(2)
+    self_cache, cross_cache = cache[1]
+    self_cache.update(torch.arange(3.0)[:, None, None, None].expand(3, 1, 2, 1), torch.zeros(3, 1, 2, 1))
+    cross_cache.set_static(torch.arange(3.0)[:, None, None, None].expand(3, 1, 4, 1), torch.zeros(3, 1, 4, 1))
+    assert cache.length == 0 and cache[1][0].length == 2 and len(cache) == 2
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert self_cache.k.shape == (3, 1, 2, 1)  # the used part only, not the 16-slot buffer
+    assert self_cache.k[:, 0, 0, 0].tolist() == [2, 2, 0] and cross_cache.k[:, 0, 0, 0].tolist() == [2, 2, 0]
+    k, _ = self_cache.update(torch.ones(3, 1, 1, 1), torch.ones(3, 1, 1, 1))  # grows past the trimmed buffer
+    assert k[:, 0, :, 0].tolist() == [[2, 2, 1], [2, 2, 1], [0, 0, 1]]
 
 
 def test_cross_attention_cache_stores_memory_once():
@@ -149,7 +192,7 @@ def test_cross_attention_cache_stores_memory_once():
 
 
 def test_kv_cache_reorder_follows_beams():
-    mha = MultiHeadAttention(D, H, rope=RotaryEmbedding(D // H)).eval()
+    mha = MultiHeadAttention(D, H, position=RotaryEmbedding(D // H)).eval()
     prefix, suffix = torch.randn(3, 4, D), torch.randn(3, 3, D)
     cache = KVCache()
     mha(prefix, causal=True, cache=cache)
@@ -206,7 +249,7 @@ def test_constructor_rejects_bad_arguments(kwargs, pattern):
 
 def test_rope_with_odd_head_dim_is_rejected():
     with pytest.raises(ValueError, match="head_dim=5"):
-        MultiHeadAttention(20, 4, rope=RotaryEmbedding(20 // 4))
+        MultiHeadAttention(20, 4, position=RotaryEmbedding(20 // 4))
 
 
 @pytest.mark.parametrize("cross, call, pattern", [

@@ -7,15 +7,16 @@ token costs O(T) attention instead of recomputing the whole prefix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qkv.blocks import BlockConfig, DecoderBlock, wanted_layers
+from qkv.blocks import BlockConfig, DecoderBlock, layer_groups
 from qkv.layers import KVCache, dropout, make_norm
-from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, relative_positions
+from qkv.masks import check_mask, check_token_ids
+from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, position_scheme
+from qkv.record import AttentionRecord, layer_records
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,8 @@ class DecoderOnlyConfig:
         self.block()
 
     def block(self) -> BlockConfig:
-        return BlockConfig(d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff or 4 * self.d_model,
-                           n_kv_heads=self.n_kv_heads, dropout=self.dropout, attn_dropout=self.attn_dropout,
-                           activation=self.activation, norm=self.norm, norm_first=self.norm_first, bias=self.bias)
+        """The blocks' config: the fields of the same name, with d_ff = 0 meaning 4 * d_model."""
+        return BlockConfig.from_config(self, d_ff=self.d_ff or 4 * self.d_model)
 
 
 class DecoderOnly(nn.Module):
@@ -65,8 +65,10 @@ class DecoderOnly(nn.Module):
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, scale=False)
         self.positions = absolute_positions(cfg.positional, cfg.d_model, cfg.block_size)
         self.embed_dropout = dropout(cfg.dropout)
-        relative = relative_positions(cfg.positional, cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.block_size)
-        self.layers = nn.ModuleList(DecoderBlock(block, cross=False, **relative) for _ in range(cfg.n_layers))
+        self.position = position_scheme(cfg.positional, n_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads,
+                                        max_len=cfg.block_size, causal=True)  # shared by every layer
+        self.layers = nn.ModuleList(DecoderBlock(block, cross=False, position=self.position)
+                                    for _ in range(cfg.n_layers))
         self.final_norm = make_norm(cfg.norm, cfg.d_model) if cfg.norm_first else nn.Identity()
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -85,16 +87,34 @@ class DecoderOnly(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Embeddings and the position scheme; each layer; the final norm and the output projection."""
+        return layer_groups(self, [self.embed, self.positions, self.position], self.layers)
+
+    def check_inputs(self, ids: torch.Tensor, positions: torch.Tensor | None, mask: torch.Tensor | None,
+                     cache: list[KVCache] | None) -> None:
+        """The boundary checks of ``forward`` (they read ids' data: once per call, never compiled)."""
+        if ids.dim() != 2:
+            raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
+        check_token_ids(ids, self.cfg.vocab_size)
+        if positions is not None and positions.shape != ids.shape:
+            raise ValueError(f"positions must have the shape of ids {tuple(ids.shape)}, got {tuple(positions.shape)}")
+        if mask is not None:
+            B, T = ids.shape
+            S = T + (cache[0].length if cache else 0)
+            check_mask(mask, "mask", (B, self.cfg.n_heads, T, S))
+
     def forward(self, ids: torch.Tensor, *, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: list[KVCache] | None = None, return_attention: bool | Iterable[int] = False):
-        """ids (B, T) -> logits (B, T, V) [, {layer: {"self": (B, H, T, S)}}].
+                cache: list[KVCache] | None = None, record: AttentionRecord | None = None) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V).
 
         positions (B, T): absolute positions (default: offset .. offset+T-1, offset = cached length);
         only learned/sinusoidal encodings use them, RoPE/ALiBi are relative and need none.
         mask: bool (B, 1, 1|T, S) over all keys so far (e.g. left padding), on top of causal.
+        record: an AttentionRecord; the asked layers put their weights under "decoder".
         """
-        if ids.dim() != 2:
-            raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
+        if not torch.compiler.is_compiling():
+            self.check_inputs(ids, positions, mask, cache)
         offset = cache[0].length if cache else 0
         x = self.embed(ids)  # (B, T, D)
         if self.positions is not None:
@@ -103,13 +123,8 @@ class DecoderOnly(nn.Module):
             else:
                 x = x + self.positions.at(positions)
         x = self.embed_dropout(x)
-        want = wanted_layers(return_attention, len(self.layers))
-        attention = {}
-        for i, layer in enumerate(self.layers):
+        slots = layer_records(record, "decoder", len(self.layers))
+        for i, (layer, slot) in enumerate(zip(self.layers, slots)):
             layer_cache = (cache[i], None) if cache is not None else None
-            if i in want:
-                x, attention[i] = layer(x, mask=mask, cache=layer_cache, return_weights=True)
-            else:
-                x = layer(x, mask=mask, cache=layer_cache)
-        logits = self.output(self.final_norm(x))  # (B, T, V)
-        return (logits, attention) if return_attention else logits
+            x = layer(x, mask=mask, cache=layer_cache, record=slot)
+        return self.output(self.final_norm(x))  # (B, T, V)

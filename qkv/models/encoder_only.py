@@ -17,16 +17,18 @@ learns its own linear layer on the pooled vector; ``qkv.convert`` skips its weig
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkv.blocks import BlockConfig, EncoderBlock, wanted_layers
+from qkv.blocks import BlockConfig, EncoderBlock, layer_groups
 from qkv.layers import make_norm
-from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, relative_positions
+from qkv.masks import check_token_ids
+from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, position_scheme
+from qkv.record import AttentionRecord, layer_records
 from qkv.unpad import Unpadded, worth_unpadding
 
 POOLING = ("mean", "cls")
@@ -63,12 +65,7 @@ class EncoderOnlyConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_classes < 0:
             raise ValueError(f"n_classes must be >= 0, got {self.n_classes}")
-        self.block()
-
-    def block(self) -> BlockConfig:
-        return BlockConfig(d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff, dropout=self.dropout,
-                           attn_dropout=self.attn_dropout, activation=self.activation, norm=self.norm,
-                           norm_first=self.norm_first, norm_eps=self.norm_eps)
+        BlockConfig.from_config(self)
 
 
 class EncoderOnly(nn.Module):
@@ -84,8 +81,10 @@ class EncoderOnly(nn.Module):
         self.segment_embed = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
         self.embed_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        relative = relative_positions(cfg.positional, cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.max_len)
-        self.layers = nn.ModuleList(EncoderBlock(cfg.block(), **relative) for _ in range(cfg.n_layers))
+        self.position = position_scheme(cfg.positional, n_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads,
+                                        max_len=cfg.max_len, causal=False)  # shared by every layer
+        block = BlockConfig.from_config(cfg)
+        self.layers = nn.ModuleList(EncoderBlock(block, position=self.position) for _ in range(cfg.n_layers))
         # Pre-norm stacks end with a norm (the residual stream is never normalised otherwise).
         self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps) if cfg.norm_first else nn.Identity()
         self._init_weights()
@@ -100,6 +99,11 @@ class EncoderOnly(nn.Module):
             else:
                 nn.init.zeros_(p)
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Token, position and segment embeddings with their norm; each layer; the final norm."""
+        below = [self.embed, self.positions, self.segment_embed, self.embed_norm, self.position]
+        return layer_groups(self, below, self.layers)
+
     def token_mask(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The (B, T) bool mask of real tokens: ``mask`` checked, or ids != pad_id."""
         if mask is None:
@@ -109,54 +113,59 @@ class EncoderOnly(nn.Module):
                              f"got {mask.dtype} {tuple(mask.shape)}")
         return mask
 
+    def check_inputs(self, ids: torch.Tensor, segment_ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        """The boundary checks of ``forward``: they read the ids' data, so once per call and never compiled."""
+        if ids.dim() != 2:
+            raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
+        check_token_ids(ids, self.cfg.vocab_size)
+        self.token_mask(ids, mask)
+        if segment_ids is not None:
+            if segment_ids.shape != ids.shape:
+                raise ValueError(f"segment_ids must have the shape of ids {tuple(ids.shape)}, "
+                                 f"got {tuple(segment_ids.shape)}")
+            n = self.cfg.type_vocab_size
+            if segment_ids.numel() and (int(segment_ids.min()) < 0 or int(segment_ids.max()) >= n):
+                raise ValueError(f"segment_ids must be in [0, {n}), got range "
+                                 f"[{int(segment_ids.min())}, {int(segment_ids.max())}]")
+
     def _embed(self, ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
         """BERT, sec. 3, Figure 2: LayerNorm(token + position + segment embeddings), then dropout."""
         if segment_ids is None:
             segment_ids = torch.zeros_like(ids)
-        if segment_ids.shape != ids.shape:
-            raise ValueError(f"segment_ids must have the shape of ids {tuple(ids.shape)}, "
-                             f"got {tuple(segment_ids.shape)}")
-        n = self.cfg.type_vocab_size
-        if segment_ids.numel() and (int(segment_ids.min()) < 0 or int(segment_ids.max()) >= n):
-            raise ValueError(f"segment_ids must be in [0, {n}), got range "
-                             f"[{int(segment_ids.min())}, {int(segment_ids.max())}]")
         x = self.embed(ids) + self.segment_embed(segment_ids)  # (B, T, D)
         if self.positions is not None:
             x = x + self.positions(ids.shape[1])  # (T, D) broadcast over B
         return self.embed_dropout(self.embed_norm(x))
 
     def forward(self, ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, return_attention: bool | Iterable[int] = False):
-        """ids (B, T) -> hidden (B, T, D) [, {layer: {"self": (B, H, T, T)}}].
+                mask: torch.Tensor | None = None, record: AttentionRecord | None = None) -> torch.Tensor:
+        """ids (B, T) -> hidden (B, T, D).
 
         segment_ids (B, T): 0 for the first text, 1 for the second (default all 0).
         mask (B, T) bool, True = real token (default ids != pad_id); padded keys are never
         attended, so the outputs at real tokens do not depend on padding. When a batch is at
         least 10% padding, the layers run on the real tokens only and the outputs at padding
-        are zeros (otherwise they are whatever the padded positions computed; use the mask).
-        return_attention: True for every layer's weights, or an iterable of layer indices.
+        are zeros (otherwise they are whatever the padded positions computed; use the mask);
+        not under torch.compile (the number of real tokens is data) nor with a record.
+        record: an AttentionRecord; the asked layers put their weights (B, H, T, T) under "encoder".
         """
-        if ids.dim() != 2:
-            raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self.check_inputs(ids, segment_ids, mask)
         real = self.token_mask(ids, mask)  # (B, T)
         keys = real[:, None, None, :]  # (B, 1, 1, T)
         x = self._embed(ids, segment_ids)
-        if not return_attention and worth_unpadding(real):
+        recording = record is not None and record.wants("encoder", len(self.layers))
+        if not compiling and not recording and worth_unpadding(real):
             # Token-wise layers on the N real tokens only (qkv.unpad); padding comes back as zeros.
             tokens = Unpadded.from_mask(real)
             h = tokens.unpad(x)  # (N, D)
             for layer in self.layers:
                 h = layer(h, mask=keys, unpadded=tokens)
             return tokens.pad(self.final_norm(h))  # (B, T, D)
-        want = wanted_layers(return_attention, len(self.layers))
-        attention = {}
-        for i, layer in enumerate(self.layers):
-            if i in want:
-                x, attention[i] = layer(x, mask=keys, return_weights=True)
-            else:
-                x = layer(x, mask=keys)
-        x = self.final_norm(x)
-        return (x, attention) if return_attention else x
+        for layer, slot in zip(self.layers, layer_records(record, "encoder", len(self.layers))):
+            x = layer(x, mask=keys, record=slot)
+        return self.final_norm(x)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -193,15 +202,17 @@ class SentenceEncoder(nn.Module):
         self.normalize = normalize
         self.train(encoder.training)  # wrapping an encoder in eval mode (load_hf_bert's) keeps it there
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The encoder's groups (pooling has no parameters)."""
+        return self.encoder.layer_groups()
+
     def forward(self, ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, return_attention: bool | Iterable[int] = False):
-        """ids (B, T) -> embeddings (B, D), unit length when ``normalize`` [, the encoder's weights]."""
+                mask: torch.Tensor | None = None, record: AttentionRecord | None = None) -> torch.Tensor:
+        """ids (B, T) -> embeddings (B, D), unit length when ``normalize``; ``record`` as in EncoderOnly."""
         mask = self.encoder.token_mask(ids, mask)
-        hidden = self.encoder(ids, segment_ids=segment_ids, mask=mask, return_attention=return_attention)
-        hidden, attention = hidden if return_attention else (hidden, None)
+        hidden = self.encoder(ids, segment_ids=segment_ids, mask=mask, record=record)
         pooled = pool(hidden, mask, self.pooling)
-        out = F.normalize(pooled, p=2.0, dim=-1) if self.normalize else pooled
-        return (out, attention) if return_attention else out
+        return F.normalize(pooled, p=2.0, dim=-1) if self.normalize else pooled
 
 
 class SequenceClassifier(nn.Module):
@@ -224,14 +235,17 @@ class SequenceClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.train(encoder.training)
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The encoder's groups, with the classification head in the last one."""
+        *groups, top = self.encoder.layer_groups()
+        return [*groups, top + list(self.head.parameters())]
+
     def forward(self, ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, return_attention: bool | Iterable[int] = False):
-        """ids (B, T) -> logits (B, n_classes) [, the encoder's {layer: {"self": (B, H, T, T)}}]."""
+                mask: torch.Tensor | None = None, record: AttentionRecord | None = None) -> torch.Tensor:
+        """ids (B, T) -> logits (B, n_classes); ``record`` as in EncoderOnly."""
         mask = self.encoder.token_mask(ids, mask)
-        hidden = self.encoder(ids, segment_ids=segment_ids, mask=mask, return_attention=return_attention)
-        hidden, attention = hidden if return_attention else (hidden, None)
-        logits = self.head(self.dropout(pool(hidden, mask, self.pooling)))  # (B, n_classes)
-        return (logits, attention) if return_attention else logits
+        hidden = self.encoder(ids, segment_ids=segment_ids, mask=mask, record=record)
+        return self.head(self.dropout(pool(hidden, mask, self.pooling)))  # (B, n_classes)
 
 
 @torch.no_grad()

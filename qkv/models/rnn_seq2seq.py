@@ -23,8 +23,9 @@ choice, ``feed_context``:
 Both predict from Luong's attentional state (eq. 5): o_t = tanh(W_c [s_t; c_t]),
 p(y_t) = softmax(W_out o_t), with o_t of width d_embed so W_out can share the target embedding.
 
-The decoding interface is the Transformer's (``encode``, ``decode``, ``new_cache``), so
-qkv.decode's greedy and beam search work unchanged; the "cache" is the recurrent state.
+The decoding interface is the Transformer's (``encode``, ``decode``, ``new_cache``, the special
+ids, ``max_source_len`` / ``max_target_len``), so qkv.decode's greedy and beam search work
+unchanged; the "cache" is the recurrent state.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from qkv.attention import additive_attention, multiplicative_attention, scaled_dot_product_attention
-from qkv.masks import padding_mask
+from qkv.blocks import layer_groups
+from qkv.masks import check_token_ids, padding_mask
+from qkv.record import AttentionRecord, layer_records
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 ATTENTIONS = ("none", "additive", "dot", "general", "scaled_dot")
@@ -44,7 +47,7 @@ ATTENTIONS = ("none", "additive", "dot", "general", "scaled_dot")
 
 @dataclass(frozen=True)
 class RNNSeq2SeqConfig:
-    """Vocabulary sizes, ids and max_len are filled in from the tokenizers by the task."""
+    """Vocabulary sizes and ids are filled in from the tokenizers by the task."""
 
     src_vocab_size: int = 0
     tgt_vocab_size: int = 0
@@ -59,7 +62,6 @@ class RNNSeq2SeqConfig:
     dropout: float = 0.2
     share_embeddings: bool = False   # one embedding for both sides (needs a joint vocabulary)
     tie_output: bool = False         # W_out = the target embedding
-    max_len: int = 512               # unused by a recurrent model; kept for the decoder's interface
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -80,16 +82,12 @@ class RNNSeq2SeqConfig:
             raise ValueError(f"share_embeddings needs one joint vocabulary, got src_vocab_size="
                              f"{self.src_vocab_size} and tgt_vocab_size={self.tgt_vocab_size}")
 
-    @property
-    def positional(self) -> str:
-        """Recurrence carries order: no position table, so decoding has no length cap from it."""
-        return "recurrent"
-
 
 class RecurrentState:
     """The decoder's "cache": its recurrent state (h, or (h, c) for an LSTM), each (L, N, H).
 
-    ``reorder`` follows beam search's surviving hypotheses like ``KVCache.reorder``.
+    ``length``: positions decoded so far; ``reorder(index)`` keeps batch rows ``index`` (beam
+    search's surviving hypotheses), like ``StackCache.reorder``.
     """
 
     def __init__(self) -> None:
@@ -151,11 +149,48 @@ class RNNSeq2Seq(nn.Module):
         if hasattr(self, "v_a"):
             nn.init.uniform_(self.v_a, -self.v_a.shape[0] ** -0.5, self.v_a.shape[0] ** -0.5)
 
+    # -- the decoding interface (qkv.decode's Seq2Seq) ------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        return self.cfg.pad_id
+
+    @property
+    def bos_id(self) -> int:
+        return self.cfg.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.cfg.eos_id
+
+    @property
+    def max_source_len(self) -> int | None:
+        """None: recurrence carries order, no position table caps the source."""
+        return None
+
+    @property
+    def max_target_len(self) -> int | None:
+        """None: no position table caps the target either."""
+        return None
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Embeddings; each encoder layer (both directions); each decoder layer (the first with the
+        bridge that starts it); the attention, the combination W_c and the output projection."""
+        enc = [self.encoder.all_weights[2 * i: 2 * i + 2] for i in range(self.cfg.n_encoder_layers)]
+        dec = [self.decoder.all_weights[i] for i in range(self.cfg.n_decoder_layers)]
+        layers = [nn.ParameterList(p for direction in layer for p in direction) for layer in enc]
+        layers += [nn.ParameterList([*self.bridge.parameters(), *dec[0]]) if i == 0 else nn.ParameterList(dec[i])
+                   for i in range(len(dec))]
+        return layer_groups(self, [self.src_embed, self.tgt_embed], layers)
+
     # -- encoder ---------------------------------------------------------------------------
-    def encode(self, src: torch.Tensor):
-        """src (B, S) ids -> memory (B, S, H) (zeros at padding), src_mask (B, 1, 1, S)."""
+    def encode(self, src: torch.Tensor, *, record: AttentionRecord | None = None):
+        """src (B, S) ids -> memory (B, S, H) (zeros at padding), src_mask (B, 1, 1, S).
+
+        ``record`` is accepted for the Seq2Seq interface: a recurrent encoder has no attention.
+        """
         if src.dim() != 2:
             raise ValueError(f"src must have shape (B, S), got {tuple(src.shape)}")
+        check_token_ids(src, self.cfg.src_vocab_size, name="src")
         src_mask = padding_mask(src, self.cfg.pad_id)  # (B, 1, 1, S)
         lengths = src_mask[:, 0, 0].sum(dim=1).clamp(min=1).cpu()  # (B,)
         x = self.drop(self.src_embed(src))  # (B, S, E)
@@ -194,20 +229,22 @@ class RNNSeq2Seq(nn.Module):
         return multiplicative_attention(query, memory, memory, weight=weight, mask=mask, return_weights=True)
 
     # -- decoder ---------------------------------------------------------------------------
-    def new_cache(self) -> list[tuple[RecurrentState, None]]:
-        """qkv.decode's cache layout: one (state, unused) pair."""
-        return [(RecurrentState(), None)]
+    def new_cache(self) -> RecurrentState:
+        """The decoder's recurrent state, empty until the first ``decode``."""
+        return RecurrentState()
 
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor, *,
-               cache: list[tuple[RecurrentState, None]] | None = None, return_attention: bool = False):
-        """tgt (B, T) ids (starting with BOS) -> logits (B, T, V) [, weights (B, T, S)].
+               cache: RecurrentState | None = None, record: AttentionRecord | None = None) -> torch.Tensor:
+        """tgt (B, T) ids (starting with BOS) -> logits (B, T, V).
 
         With ``cache`` only new tokens are passed and the recurrent state carries the rest.
-        Weights are zeros for ``attention="none"`` (nothing is attended).
+        ``record``: the one attention's weights go to kind "cross", layer 0, as (B, 1, T, S) (one
+        head); zeros for ``attention="none"`` (nothing is attended).
         """
         if tgt.dim() != 2:
             raise ValueError(f"tgt must have shape (B, T), got {tuple(tgt.shape)}")
-        slot = cache[0][0] if cache else None
+        check_token_ids(tgt, self.cfg.tgt_vocab_size, name="tgt")
+        slot = cache
         state = slot.state if slot is not None and slot.state is not None else self.initial_state(memory, src_mask)
         y = self.drop(self.tgt_embed(tgt))  # (B, T, E)
         if self.cfg.attention == "none":
@@ -221,9 +258,11 @@ class RNNSeq2Seq(nn.Module):
             context, weights = self.attend(s, memory, src_mask)  # (B, T, H), (B, T, S)
         if slot is not None:
             slot.state, slot.length = state, slot.length + tgt.shape[1]
+        layer = layer_records(record, "decoder", 1)[0]
+        if layer is not None:
+            layer.put("cross", weights[:, None])  # (B, 1, T, S)
         o = self.drop(torch.tanh(self.combine(torch.cat([s, context], dim=-1))))  # (B, T, E)
-        logits = self.output(o)  # (B, T, V)
-        return (logits, weights) if return_attention else logits
+        return self.output(o)  # (B, T, V)
 
     def _decode_loop(self, y, state, memory, src_mask):
         """Bahdanau: c_t = attend(s_{t-1}); s_t = RNN([y_{t-1}; c_t], s_{t-1}), one position at a time."""
@@ -234,7 +273,7 @@ class RNNSeq2Seq(nn.Module):
             outputs.append(s), contexts.append(c), weights.append(w)
         return torch.cat(outputs, 1), torch.cat(contexts, 1), torch.cat(weights, 1), state
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V)."""
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
+        """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V); ``record`` as in ``decode``."""
         memory, src_mask = self.encode(src)
-        return self.decode(tgt, memory, src_mask)
+        return self.decode(tgt, memory, src_mask, record=record)

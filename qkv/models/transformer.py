@@ -7,16 +7,16 @@ whose queries come from the decoder and whose keys and values come from the memo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qkv.blocks import BlockConfig, DecoderBlock, EncoderBlock, wanted_layers
-from qkv.layers import KVCache, dropout, make_norm
-from qkv.masks import padding_mask
-from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, relative_positions
+from qkv.blocks import BlockConfig, DecoderBlock, EncoderBlock, layer_groups
+from qkv.layers import StackCache, dropout, make_norm
+from qkv.masks import check_token_ids, padding_mask
+from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, position_scheme
+from qkv.record import AttentionRecord, layer_records
 
 
 @dataclass(frozen=True)
@@ -52,32 +52,36 @@ class TransformerConfig:
                 f"share_embeddings needs one joint vocabulary, got src_vocab_size={self.src_vocab_size} "
                 f"and tgt_vocab_size={self.tgt_vocab_size}"
             )
-        self.block()  # validates d_model / n_heads / dropout
-
-    def block(self) -> BlockConfig:
-        return BlockConfig(d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff, n_kv_heads=self.n_kv_heads,
-                           dropout=self.dropout, attn_dropout=self.attn_dropout, activation=self.activation,
-                           norm=self.norm, norm_first=self.norm_first)
+        BlockConfig.from_config(self)  # validates d_model / n_heads / dropout
 
 
 class Transformer(nn.Module):
-    """Encoder-decoder for sequence-to-sequence tasks (translation)."""
+    """Encoder-decoder for sequence-to-sequence tasks (translation).
+
+    The decoding interface (qkv.decode's ``Seq2Seq``): ``encode``, ``decode``, ``new_cache``, the
+    special ids ``pad_id`` / ``bos_id`` / ``eos_id`` and the input limits ``max_source_len`` /
+    ``max_target_len``.
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         if cfg.src_vocab_size < 1 or cfg.tgt_vocab_size < 1:
             raise ValueError("src_vocab_size and tgt_vocab_size must be set (they come from the tokenizer)")
         self.cfg = cfg
-        block = cfg.block()
-        head_dim = cfg.d_model // cfg.n_heads
+        block = BlockConfig.from_config(cfg)
         self.src_embed = TokenEmbedding(cfg.src_vocab_size, cfg.d_model, scale=cfg.scale_embeddings)
         self.tgt_embed = (self.src_embed if cfg.share_embeddings
                           else TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, scale=cfg.scale_embeddings))
         self.positions = absolute_positions(cfg.positional, cfg.d_model, cfg.max_len)
         self.embed_dropout = dropout(cfg.dropout)
-        relative = relative_positions(cfg.positional, cfg.n_heads, head_dim, cfg.max_len)
-        self.encoder = nn.ModuleList(EncoderBlock(block, **relative) for _ in range(cfg.n_encoder_layers))
-        self.decoder = nn.ModuleList(DecoderBlock(block, **relative) for _ in range(cfg.n_decoder_layers))
+        # One relative scheme per stack, shared by its layers (registered here, before them).
+        scheme = dict(n_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads, max_len=cfg.max_len)
+        self.encoder_position = position_scheme(cfg.positional, causal=False, **scheme)
+        self.decoder_position = position_scheme(cfg.positional, causal=True, **scheme)
+        self.encoder = nn.ModuleList(EncoderBlock(block, position=self.encoder_position)
+                                     for _ in range(cfg.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(block, position=self.decoder_position)
+                                     for _ in range(cfg.n_decoder_layers))
         # Pre-norm stacks end with a norm (the residual stream is never normalised otherwise).
         self.encoder_norm = make_norm(cfg.norm, cfg.d_model) if cfg.norm_first else nn.Identity()
         self.decoder_norm = make_norm(cfg.norm, cfg.d_model) if cfg.norm_first else nn.Identity()
@@ -91,70 +95,84 @@ class Transformer(nn.Module):
             if p.dim() > 1 and "embed" not in name and not (self.cfg.tie_output and name == "output.weight"):
                 nn.init.xavier_uniform_(p)
 
+    @property
+    def pad_id(self) -> int:
+        return self.cfg.pad_id
+
+    @property
+    def bos_id(self) -> int:
+        return self.cfg.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.cfg.eos_id
+
+    @property
+    def max_source_len(self) -> int | None:
+        """The longest source the encoder takes: the learned position table's size, else unbounded."""
+        return self.cfg.max_len if self.cfg.positional == "learned" else None
+
+    @property
+    def max_target_len(self) -> int | None:
+        """The longest decoder input, BOS included: the learned position table's size, else unbounded."""
+        return self.cfg.max_len if self.cfg.positional == "learned" else None
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Embeddings and position schemes; each encoder layer, then each decoder layer; final norms, output."""
+        below = [self.src_embed, self.tgt_embed, self.positions, self.encoder_position, self.decoder_position]
+        return layer_groups(self, below, [*self.encoder, *self.decoder])
+
     def _embed(self, embedding: TokenEmbedding, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         x = embedding(ids)  # (B, T, D)
         if self.positions is not None:
             x = x + self.positions(ids.shape[1], offset=offset)
         return self.embed_dropout(x)
 
-    def encode(self, src: torch.Tensor, *, return_attention: bool | Iterable[int] = False):
-        """src (B, S) token ids -> memory (B, S, D), src_mask (B, 1, 1, S) [, per-layer weights]."""
-        if src.dim() != 2:
-            raise ValueError(f"src must have shape (B, S), got {tuple(src.shape)}")
+    def encode(self, src: torch.Tensor, *, record: AttentionRecord | None = None):
+        """src (B, S) token ids -> memory (B, S, D), src_mask (B, 1, 1, S).
+
+        ``record``: an AttentionRecord; the asked encoder layers put their weights under "encoder".
+        """
+        if not torch.compiler.is_compiling():
+            _check_ids(src, self.cfg.src_vocab_size, "src", "(B, S)")
         src_mask = padding_mask(src, self.cfg.pad_id)  # (B, 1, 1, S)
         x = self._embed(self.src_embed, src)
-        want = wanted_layers(return_attention, len(self.encoder))
-        attention = {}
-        for i, layer in enumerate(self.encoder):
-            if i in want:
-                x, attention[i] = layer(x, mask=src_mask, return_weights=True)
-            else:
-                x = layer(x, mask=src_mask)
-        memory = self.encoder_norm(x)
-        return (memory, src_mask, attention) if return_attention else (memory, src_mask)
+        for layer, slot in zip(self.encoder, layer_records(record, "encoder", len(self.encoder))):
+            x = layer(x, mask=src_mask, record=slot)
+        return self.encoder_norm(x), src_mask
 
-    def new_cache(self) -> list[tuple[KVCache, KVCache]]:
+    def new_cache(self) -> StackCache:
         """One (self-attention, cross-attention) cache pair per decoder layer."""
-        return [(KVCache(), KVCache()) for _ in self.decoder]
+        return StackCache(len(self.decoder))
 
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor, *,
-               cache: list[tuple[KVCache, KVCache]] | None = None,
-               return_attention: bool | Iterable[int] = False):
-        """tgt (B, T) ids (shifted right, starting with BOS) -> logits (B, T, V) [, per-layer weights].
+               cache: StackCache | None = None, record: AttentionRecord | None = None) -> torch.Tensor:
+        """tgt (B, T) ids (shifted right, starting with BOS) -> logits (B, T, V).
 
         With ``cache`` only the new positions are passed; earlier keys/values are reused.
+        ``record``: the asked decoder layers put their weights under "decoder" and "cross".
         """
-        if tgt.dim() != 2:
-            raise ValueError(f"tgt must have shape (B, T), got {tuple(tgt.shape)}")
-        offset = cache[0][0].length if cache else 0
+        if not torch.compiler.is_compiling():
+            _check_ids(tgt, self.cfg.tgt_vocab_size, "tgt", "(B, T)")
+        offset = cache.length if cache is not None else 0
         x = self._embed(self.tgt_embed, tgt, offset)
         # The target's own padding only ever sits after real tokens, so causal masking is enough.
-        want = wanted_layers(return_attention, len(self.decoder))
-        attention = {}
-        for i, layer in enumerate(self.decoder):
+        slots = layer_records(record, "decoder", len(self.decoder))
+        for i, (layer, slot) in enumerate(zip(self.decoder, slots)):
             layer_cache = cache[i] if cache is not None else None
-            if i in want:
-                x, attention[i] = layer(x, memory=memory, memory_mask=src_mask, cache=layer_cache,
-                                        return_weights=True)
-            else:
-                x = layer(x, memory=memory, memory_mask=src_mask, cache=layer_cache)
-        logits = self.output(self.decoder_norm(x))  # (B, T, V)
-        return (logits, attention) if return_attention else logits
+            x = layer(x, memory=memory, memory_mask=src_mask, cache=layer_cache, record=slot)
+        return self.output(self.decoder_norm(x))  # (B, T, V)
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *,
-                return_attention: bool | Iterable[int] | dict[str, bool | Iterable[int]] = False):
-        """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V) [, weights].
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
+        """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V).
 
-        return_attention: True, layer indices for both stacks, or {"encoder": ..., "decoder": ...};
-        weights are {"encoder": {layer: {"self"}}, "decoder": {layer: {"self", "cross"}}}.
+        ``record``: an AttentionRecord; weights land in record.weights["encoder" | "decoder" | "cross"][layer].
         """
-        if not return_attention:
-            memory, src_mask = self.encode(src)
-            return self.decode(tgt, memory, src_mask)
-        per_stack = return_attention if isinstance(return_attention, dict) else {}
-        enc = per_stack.get("encoder", False) if per_stack else return_attention
-        dec = per_stack.get("decoder", False) if per_stack else return_attention
-        memory, src_mask, *enc_weights = self.encode(src, return_attention=enc)  # weights only when asked
-        out = self.decode(tgt, memory, src_mask, return_attention=dec)
-        logits, dec_weights = out if dec else (out, {})
-        return logits, {"encoder": enc_weights[0] if enc_weights else {}, "decoder": dec_weights}
+        memory, src_mask = self.encode(src, record=record)
+        return self.decode(tgt, memory, src_mask, record=record)
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, name: str, shape: str) -> None:
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(ids.shape)}")
+    check_token_ids(ids, vocab_size, name=name)

@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkv.blocks import BlockConfig, EncoderBlock, encoder_block_inference, flat_inference_ready, wanted_layers
+from qkv.blocks import BlockConfig, EncoderBlock, encoder_block_inference, layer_groups
 from qkv.layers import make_norm
 from qkv.positional import sinusoidal_table
+from qkv.record import AttentionRecord, layer_records
 
 POOLING = ("cls", "mean")
 POSITIONAL = ("learned", "sinusoidal")
@@ -82,17 +83,12 @@ class ViTConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by 4 for 2-D sinusoidal positions")
         if self.n_classes < 0:
             raise ValueError(f"n_classes must be >= 0, got {self.n_classes}")
-        self.block()
+        BlockConfig.from_config(self, norm_first=True)
 
     @property
     def grid(self) -> int:
         """Patches per side at the training size."""
         return self.image_size // self.patch_size
-
-    def block(self) -> BlockConfig:
-        return BlockConfig(d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff, dropout=self.dropout,
-                           attn_dropout=self.attn_dropout, activation=self.activation, norm=self.norm,
-                           norm_first=True, norm_eps=self.norm_eps)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -167,7 +163,8 @@ class ViT(nn.Module):
             table = torch.cat([torch.zeros(n_special, D), sincos_2d(cfg.grid, cfg.grid, D)])
             self.register_buffer("positions", table, persistent=False)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(EncoderBlock(cfg.block()) for _ in range(cfg.n_layers))
+        block = BlockConfig.from_config(cfg, norm_first=True)  # Eq. 2-3: pre-norm
+        self.layers = nn.ModuleList(EncoderBlock(block) for _ in range(cfg.n_layers))
         self.final_norm = make_norm(cfg.norm, D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.n_classes) if cfg.n_classes else None
         self._init_weights()
@@ -209,22 +206,22 @@ class ViT(nn.Module):
         x = x + self.position_table(H // cfg.patch_size, W // cfg.patch_size).to(x.dtype)
         return self.embed_dropout(x)
 
-    def encode(self, images: torch.Tensor, *, return_attention: bool | Iterable[int] = False):
-        """Eq. 2-3: (B, C, H, W) -> z_L after the final norm (B, n_special + N, D) [, {layer: {"self": (B, H, T, T)}}].
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Patch embedding, class token and learned positions; each layer; the final norm and the head."""
+        positions = self.positions if isinstance(self.positions, nn.Parameter) else None
+        return layer_groups(self, [self.patch_embed, self.class_token, positions], self.layers)
 
-        return_attention: True for every layer's weights, or an iterable of layer indices.
+    def encode(self, images: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
+        """Eq. 2-3: (B, C, H, W) -> z_L after the final norm (B, n_special + N, D).
+
+        record: an AttentionRecord; the asked layers put their weights (B, H, T, T) under "encoder".
         """
         x = self.embed(images)
-        if not return_attention:
+        if record is None or not record.wants("encoder", len(self.layers)):
             return self.final_norm(self.run_layers(x, self.layers))
-        want = wanted_layers(return_attention, len(self.layers))
-        attention = {}
-        for i, layer in enumerate(self.layers):
-            if i in want:
-                x, attention[i] = layer(x, return_weights=True)
-            else:
-                x = layer(x)
-        return self.final_norm(x), attention
+        for layer, slot in zip(self.layers, layer_records(record, "encoder", len(self.layers))):
+            x = layer(x, record=slot)
+        return self.final_norm(x)
 
     @staticmethod
     def run_layers(x: torch.Tensor, layers: Iterable[EncoderBlock]) -> torch.Tensor:
@@ -235,7 +232,7 @@ class ViT(nn.Module):
         fixed cost per layer, a few per cent of a small ViT's time on CPU.
         """
         layers = list(layers)
-        if torch.is_grad_enabled() or not all(flat_inference_ready(layer) for layer in layers):
+        if torch.is_grad_enabled() or any(layer.training for layer in layers):
             for layer in layers:
                 x = layer(x)
             return x
@@ -262,17 +259,17 @@ class ViT(nn.Module):
         x = class_token_block(self.layers[-1], x)  # (B, 1, D)
         return self.final_norm(x[:, 0])  # (B, D)
 
-    def forward(self, images: torch.Tensor, *, return_attention: bool | Iterable[int] = False):
-        """(B, C, H, W) -> logits (B, n_classes) (features (B, D) without a head) [, attention]."""
-        attention = None
-        if return_attention:
-            hidden, attention = self.encode(images, return_attention=return_attention)
-            out = self.pool(hidden)  # (B, D)
+    def forward(self, images: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> logits (B, n_classes) (features (B, D) without a head).
+
+        record: an AttentionRecord; then every token's output is computed (``encode``), not the
+        class token's alone, so the asked layers' weights (B, H, T, T) land under "encoder".
+        """
+        if record is not None and record.wants("encoder", len(self.layers)):
+            out = self.pool(self.encode(images, record=record))  # (B, D)
         else:
             out = self.features(images)  # (B, D)
-        if self.head is not None:
-            out = self.head(out)  # (B, n_classes)
-        return (out, attention) if return_attention else out
+        return self.head(out) if self.head is not None else out  # (B, n_classes)
 
 
 def class_token_block(block: EncoderBlock, x: torch.Tensor) -> torch.Tensor:
@@ -292,17 +289,17 @@ def class_token_block(block: EncoderBlock, x: torch.Tensor) -> torch.Tensor:
     little more than its LayerNorm over the T tokens.
     """
     attn = block.self_attn
-    D, H, Dh = attn.d_model, attn.n_heads, attn.head_dim
-    if attn.n_kv_heads != H or attn.rope is not None or attn.alibi is not None or not block.attn_residual.norm_first:
+    if not attn.is_plain or not block.attn_residual.norm_first:
         raise ValueError("class_token_block needs a pre-norm block with plain multi-head self-attention")
+    D, H, Dh = attn.d_model, attn.n_heads, attn.head_dim
     B, T, _ = x.shape
     h = block.attn_residual.norm(x)  # (B, T, D)
-    weight, bias = attn.qkv_proj.weight, attn.qkv_proj.bias  # (3D, D): W^Q, W^K, W^V stacked, each (H*Dh, D)
-    _, w_k, w_v = weight.view(3, H, Dh, D)  # W_i^K^T, W_i^V^T: (H, Dh, D) each
+    (w_q, w_k, w_v), (b_q, _, b_v) = attn.qkv_weights()  # W^Q, W^K, W^V: (H*Dh, D) each
+    w_k, w_v = w_k.view(H, Dh, D), w_v.view(H, Dh, D)  # W_i^K^T, W_i^V^T: (H, Dh, D)
     dropping = attn.training and attn.dropout > 0
 
     def attend(h0: torch.Tensor) -> torch.Tensor:  # h0 = LN(z_0), (B, 1, D)
-        q = F.linear(h0[:, 0], weight[:D], bias[:D] if bias is not None else None)  # (B, H*Dh)
+        q = F.linear(h0[:, 0], w_q, b_q)  # (B, H*Dh)
         q = q.view(B, H, Dh).transpose(0, 1) * Dh ** -0.5  # (H, B, Dh)
         q_keys = torch.bmm(q, w_k).transpose(0, 1)  # q_i W_i^K^T: (H, B, D) -> (B, H, D)
         weights = torch.softmax(torch.bmm(q_keys, h.transpose(1, 2)), dim=-1)  # (B, H, T)
@@ -310,10 +307,10 @@ def class_token_block(block: EncoderBlock, x: torch.Tensor) -> torch.Tensor:
             weights = F.dropout(weights, p=attn.dropout)
         pooled = torch.bmm(weights, h).transpose(0, 1)  # a_i h: (B, H, D) -> (H, B, D)
         heads = torch.bmm(pooled, w_v.transpose(1, 2)).transpose(0, 1)  # (H, B, Dh) -> (B, H, Dh)
-        if bias is not None:  # sum_t a_t b^V = b^V, unless dropout removed some of the weight
-            b_v = bias[2 * D:].view(H, Dh)
-            heads = heads + (weights.sum(-1, keepdim=True) * b_v if dropping else b_v)
-        return attn.out_proj(heads.reshape(B, 1, D))  # (B, 1, D)
+        if b_v is not None:  # sum_t a_t b^V = b^V, unless dropout removed some of the weight
+            b_v_heads = b_v.view(H, Dh)
+            heads = heads + (weights.sum(-1, keepdim=True) * b_v_heads if dropping else b_v_heads)
+        return attn.output(heads[:, :, None])  # (B, H, 1, Dh) -> (B, 1, D)
 
     x0 = block.attn_residual(x[:, :1], attend)  # (B, 1, D)
     return block.ff_residual(x0, block.ff)
@@ -326,5 +323,14 @@ class ImageEmbedder(nn.Module):
         super().__init__()
         self.vit = vit
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vit.features(images), p=2.0, dim=-1)
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The ViT's groups."""
+        return self.vit.layer_groups()
+
+    def forward(self, images: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> unit-length embeddings (B, D); ``record`` as in ViT."""
+        if record is not None and record.wants("encoder", len(self.vit.layers)):
+            pooled = self.vit.pool(self.vit.encode(images, record=record))  # (B, D)
+        else:
+            pooled = self.vit.features(images)  # (B, D)
+        return F.normalize(pooled, p=2.0, dim=-1)
