@@ -18,6 +18,7 @@ from qkv.models.encoder_only import (
     embed,
     mean_pool,
 )
+from qkv.record import AttentionRecord
 
 TINY = EncoderOnlyConfig(vocab_size=50, max_len=16, d_model=32, n_heads=4, d_ff=64, n_layers=2)
 
@@ -39,15 +40,20 @@ def test_shapes_and_attention_weights():
     ids, mask = padded_batch()
     hidden = model(ids)
     assert hidden.shape == (3, 7, 32)
-    hidden_again, attention = model(ids, return_attention=True)
-    assert sorted(attention) == [0, 1]
-    assert attention[0]["self"].shape == (3, 4, 7, 7)
-    assert torch.allclose(attention[1]["self"].sum(-1), torch.ones(3, 4, 7))
-    assert attention[0]["self"][1, :, :, 4:].abs().max() == 0  # padded keys get no weight
+    record = AttentionRecord()
+    hidden_again = model(ids, record=record)
+    attention = record.weights["encoder"]
+    assert list(record.weights) == ["encoder"] and sorted(attention) == [0, 1]
+    assert attention[0].shape == (3, 4, 7, 7)
+    assert torch.allclose(attention[1].sum(-1), torch.ones(3, 4, 7))
+    assert attention[0][1, :, :, 4:].abs().max() == 0  # padded keys get no weight
     # asking for weights changes nothing at real tokens (padding: zeros on the unpadded path)
     torch.testing.assert_close(hidden_again[mask], hidden[mask], rtol=0, atol=1e-6)
-    _, only_last = model(ids, return_attention=[-1])
-    assert list(only_last) == [1]
+    only_last = AttentionRecord(layers=[-1])
+    model(ids, record=only_last)
+    assert list(only_last.weights["encoder"]) == [1]
+    nothing = AttentionRecord(layers=False)
+    assert torch.equal(model(ids, record=nothing), hidden) and nothing.weights == {}  # fused, unpadded path
 
 
 def test_padding_does_not_change_real_tokens():

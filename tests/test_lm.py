@@ -9,6 +9,7 @@ from qkv.cli import main
 from qkv.data.lm import RandomBlocks, read_text, split_ids
 from qkv.errors import DataError
 from qkv.models.decoder_only import DecoderOnly, DecoderOnlyConfig
+from qkv.record import AttentionRecord
 from tests.helpers import write_config
 
 TEXT = "".join(f"{name}:\nTo be, or not to be, that is the question {i}.\n\n"
@@ -129,7 +130,9 @@ def test_tied_embeddings_and_attention_on_request():
                                           dropout=0.0)).eval()
     assert model.output.weight is model.embed.weight
     x = torch.randint(3, 20, (1, 8))
-    logits, attention = model(x, return_attention=[1])
-    assert set(attention) == {1} and attention[1]["self"].shape == (1, 4, 8, 8)
+    record = AttentionRecord(layers=[1])
+    logits = model(x, record=record)
+    attention = record.weights["decoder"]
+    assert list(record.weights) == ["decoder"] and set(attention) == {1} and attention[1].shape == (1, 4, 8, 8)
     torch.testing.assert_close(logits, model(x))
-    assert torch.all(attention[1]["self"].triu(1) == 0)  # causal: nothing above the diagonal
+    assert torch.all(attention[1].triu(1) == 0)  # causal: nothing above the diagonal

@@ -9,6 +9,7 @@ from qkv.cli import main
 from qkv.decode import beam_search, greedy_decode, sequence_scores
 from qkv.errors import ConfigError
 from qkv.models.rnn_seq2seq import ATTENTIONS, RNNSeq2Seq, RNNSeq2SeqConfig
+from qkv.record import AttentionRecord
 from qkv.run import from_mapping
 from qkv.studies import synthetic
 from tests.helpers import tiny_translation_config, write_config, write_copy_corpus
@@ -76,8 +77,11 @@ def test_attention_weights_are_distributions_over_real_tokens(attention):
     model = tiny("gru", attention)
     src = sources()
     memory, src_mask = model.encode(src)
-    logits, weights = model.decode(torch.tensor([[1, 4], [1, 5], [1, 6]]), memory, src_mask, return_attention=True)
-    assert weights.shape == (3, 2, 7) and logits.shape == (3, 2, 20)
+    record = AttentionRecord()
+    logits = model.decode(torch.tensor([[1, 4], [1, 5], [1, 6]]), memory, src_mask, record=record)
+    assert list(record.weights) == ["cross"] and record.weights["cross"][0].shape == (3, 1, 2, 7)
+    weights = record.weights["cross"][0][:, 0]  # one head: (B, T, S)
+    assert logits.shape == (3, 2, 20)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2))
     assert float(weights[0, :, 5:].detach().abs().max()) == 0.0  # padding gets no weight
 
@@ -85,8 +89,9 @@ def test_attention_weights_are_distributions_over_real_tokens(attention):
 def test_no_attention_uses_one_fixed_context():
     model = tiny("gru", "none")
     memory, src_mask = model.encode(sources())
-    _, weights = model.decode(torch.tensor([[1], [1], [1]]), memory, src_mask, return_attention=True)
-    assert float(weights.abs().max()) == 0.0
+    record = AttentionRecord()
+    model.decode(torch.tensor([[1], [1], [1]]), memory, src_mask, record=record)
+    assert float(record.weights["cross"][0].abs().max()) == 0.0
     summary = model.summary(memory, src_mask)  # (B, H): forward state at the last token, backward at the first
     assert torch.equal(summary[0, :12], memory[0, 4, :12]) and torch.equal(summary[0, 12:], memory[0, 0, 12:])
 

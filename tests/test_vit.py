@@ -18,6 +18,7 @@ from qkv.models.vit import (
     resize_grid,
     sincos_2d,
 )
+from qkv.record import AttentionRecord
 from qkv.viz_image import attention_rollout, head_mean, image_attention, patch_maps
 
 
@@ -209,10 +210,12 @@ def test_config_errors_name_the_setting():
 def test_attention_weights_are_returned_without_changing_the_outputs():
     model = ViT(tiny()).eval()
     images = torch.randn(2, 1, 8, 8)
-    logits, attention = model(images, return_attention=True)
+    record = AttentionRecord()
+    logits = model(images, record=record)
     torch.testing.assert_close(logits, model(images), atol=1e-5, rtol=1e-5)
+    attention = record.weights["encoder"]
     assert sorted(attention) == [0, 1]
-    weights = attention[1]["self"]
+    weights = attention[1]
     assert weights.shape == (2, 4, 17, 17)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 17))
 
@@ -235,8 +238,9 @@ def test_image_attention_maps_cover_the_patch_grid():
     maps = image_attention(model, torch.randn(2, 1, 8, 8))
     assert maps["layers"].shape == (2, 2, 4, 4) and maps["rollout"].shape == (2, 4, 4)
     torch.testing.assert_close(maps["rollout"].sum((-1, -2)), torch.ones(2))
-    _, weights = model(torch.randn(1, 1, 8, 8), return_attention=True)
-    layer_maps = patch_maps(head_mean(weights)[:, :, 0], n_special=1, grid_h=4, grid_w=4)
+    record = AttentionRecord()
+    model(torch.randn(1, 1, 8, 8), record=record)
+    layer_maps = patch_maps(head_mean(record.weights["encoder"])[:, :, 0], n_special=1, grid_h=4, grid_w=4)
     assert layer_maps.shape == (2, 1, 4, 4)
 
 

@@ -62,6 +62,7 @@ class RNNSeq2SeqConfig:
     dropout: float = 0.2
     share_embeddings: bool = False   # one embedding for both sides (needs a joint vocabulary)
     tie_output: bool = False         # W_out = the target embedding
+    max_len: int = 512               # unread by a recurrent model; qkv.tasks.translation still sets it
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
