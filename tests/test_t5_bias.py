@@ -1,5 +1,8 @@
 """T5 relative position bias (Raffel et al. 2020, sec. 2.1) against Hugging Face's T5Attention."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from transformers import T5Config  # noqa: E402
 from transformers.models.t5.modeling_t5 import T5Attention  # noqa: E402
 
 HF_BUCKET = T5Attention._relative_position_bucket
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _distances() -> torch.Tensor:
@@ -119,3 +123,132 @@ def test_position_scheme_builds_t5_per_direction():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         T5RelativeBias(**kwargs)
+
+
+# ---------------------------------------------------------------- end to end: a Transformer with positional="t5"
+
+
+def _tiny_t5(seed: int = 0):
+    from qkv.models.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(src_vocab_size=16, tgt_vocab_size=16, d_model=32, n_heads=4, d_ff=64,
+                            n_encoder_layers=2, n_decoder_layers=2, dropout=0.0, positional="t5", max_len=64)
+    return Transformer(cfg)
+
+
+def _copy_batch(B: int = 16, T: int = 8):
+    """A reversal task: the output depends on position, so a position-blind model cannot learn it."""
+    src = torch.randint(3, 16, (B, T), generator=torch.Generator().manual_seed(1))
+    out = src.flip(1)
+    bos, eos = torch.full((B, 1), 1), torch.full((B, 1), 2)
+    return src, torch.cat([bos, out], dim=1), torch.cat([out, eos], dim=1)
+
+
+def test_transformer_gets_one_t5_bias_per_stack_and_none_in_cross_attention():
+    from qkv.layers import MultiHeadAttention
+
+    model = _tiny_t5()
+    assert model.positions is None  # no absolute positions added to the tokens
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MultiHeadAttention):
+            found[name] = module.position
+    cross = [p for name, p in found.items() if name.startswith("decoder.") and "cross" in name]
+    encoder = [p for name, p in found.items() if name.startswith("encoder.")]
+    decoder = [p for name, p in found.items() if name.startswith("decoder.") and "cross" not in name]
+    assert len(cross) == 2 and all(p is None for p in cross)
+    assert len(encoder) == 2 and encoder[0] is encoder[1] and encoder[0].bidirectional  # shared, as in T5
+    assert len(decoder) == 2 and decoder[0] is decoder[1] and not decoder[0].bidirectional
+    assert isinstance(encoder[0], T5RelativeBias) and isinstance(decoder[0], T5RelativeBias)
+
+
+def _train(model, steps: int = 40) -> list[float]:
+    src, tgt_in, tgt_out = _copy_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        logits = model(src, tgt_in)  # (B, T+1, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt_out.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_t5_transformer_trains_and_cached_greedy_equals_uncached():
+    from qkv.decode import greedy_decode
+
+    model = _tiny_t5()
+    biases = [m for m in model.modules() if isinstance(m, T5RelativeBias)]
+    before = [b.embedding.weight.detach().clone() for b in biases]
+    losses = _train(model)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(not torch.equal(b.embedding.weight, w) for b, w in zip(biases, before))  # the biases learn
+    src = _copy_batch()[0][:6]
+    cached = greedy_decode(model, src, max_len=12)
+    assert cached == greedy_decode(model, src, max_len=12, use_cache=False)
+    with torch.no_grad():  # biases large enough to decide every argmax: a wrong cached offset shows
+        for b in biases:
+            b.embedding.weight.normal_(0.0, 3.0)
+    cached = greedy_decode(model, src, max_len=12)
+    assert cached == greedy_decode(model, src, max_len=12, use_cache=False)
+
+
+def test_t5_transformer_weights_round_trip(tmp_path):
+    from qkv.checkpoint import load_weights, save_weights
+
+    model = _tiny_t5(seed=0)
+    _train(model, steps=3)
+    save_weights(model, tmp_path / "model.safetensors")
+    other = _tiny_t5(seed=1)
+    load_weights(other, tmp_path / "model.safetensors")
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+    src, tgt_in, _ = _copy_batch(4)
+    model.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(model(src, tgt_in), other(src, tgt_in))
+
+
+def test_t5bias_preset_is_the_en_de_preset_with_t5_positions():
+    from qkv.run import load_config
+
+    t5, base = load_config(CONFIGS / "multi30k-t5bias.yaml"), load_config(CONFIGS / "multi30k-en-de.yaml")
+    assert t5.model.positional == "t5" and base.model.positional == "rope"
+    assert t5 == dataclasses.replace(base, model=dataclasses.replace(base.model, positional="t5"))
+
+
+# ---------------------------------------------------------------- end to end: a GPT with a causal T5 bias
+
+
+def _tiny_gpt_t5():
+    from qkv.models.decoder_only import DecoderOnly, DecoderOnlyConfig
+
+    torch.manual_seed(0)
+    cfg = DecoderOnlyConfig(vocab_size=20, block_size=32, d_model=32, n_heads=4, n_layers=2, d_ff=64,
+                            dropout=0.0, positional="t5")
+    model = DecoderOnly(cfg)
+    with torch.no_grad():  # weights large enough that greedy output is varied and the bias matters
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+        for m in model.modules():
+            if isinstance(m, T5RelativeBias):
+                m.embedding.weight.normal_(0.0, 2.0)
+    return model.eval()
+
+
+def test_gpt_t5_cached_generation_equals_uncached_and_each_prompt_alone():
+    from qkv.generate import SamplingConfig, generate_ids
+
+    model = _tiny_gpt_t5()
+    schemes = {id(m): m for m in model.modules() if isinstance(m, T5RelativeBias)}
+    assert len(schemes) == 1 and not next(iter(schemes.values())).bidirectional
+    prompts = [[5, 6, 7], [9], [3, 4, 5, 6, 7, 8, 9], [11, 12]]  # left-padded together
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    cached = generate_ids(model, prompts, greedy)
+    assert cached == generate_ids(model, prompts, greedy, use_cache=False)
+    assert cached == [generate_ids(model, [p], greedy)[0] for p in prompts]
+    assert len({tuple(row) for row in cached}) > 1  # not degenerate
