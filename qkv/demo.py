@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from qkv.attention import retrieve
+from qkv.record import AttentionRecord
 from qkv.run import from_mapping, load_run, train_run
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,16 @@ def run(out_dir: str | Path, *, steps: int = 2000, seed: int = 0, progress: bool
     new = generate_ids(model, [tokenizer.encode(PROMPT)], sampling, generator=generator)[0]
     sample = PROMPT + tokenizer.decode(new)
     ids = torch.tensor([tokenizer.encode(sample)[-cfg.model.block_size:]])
-    with torch.no_grad():
-        _, attention = model(ids, return_attention=[cfg.model.n_layers - 1])
-    labels = [tokenizer.decode([i]) for i in ids[0].tolist()]
     last = cfg.model.n_layers - 1
-    head_picture = plot_head(attention[last]["self"][0, 0], labels, out_dir / "attention_head.png",
+    record = AttentionRecord(layers=[last])
+    with torch.no_grad():
+        model(ids, record=record)
+    attention = record.weights["decoder"]  # {last: (B, H, T, T)}
+    labels = [tokenizer.decode([i]) for i in ids[0].tolist()]
+    head_picture = plot_head(attention[last][0, 0], labels, out_dir / "attention_head.png",
                              title=f"layer {last}, head 0: each character (row) attends to earlier ones")
     tail = slice(-32, None)  # every head of the last layer, over the last 32 characters
-    weights = attention[last]["self"][0][:, tail, tail]  # (H, 32, 32)
+    weights = attention[last][0][:, tail, tail]  # (H, 32, 32)
     grid = plot_heads(weights, labels[tail], labels[tail], out_dir / "attention_heads.png",
                       title=f"layer {last}: the {cfg.model.n_heads} heads attend differently")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]

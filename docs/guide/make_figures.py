@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from qkv.attention import retrieve, scaled_dot_product_attention  # noqa: E402
 from qkv.masks import causal_mask, combine_masks, padding_mask, sliding_window_mask  # noqa: E402
 from qkv.positional import sinusoidal_table  # noqa: E402
+from qkv.record import AttentionRecord  # noqa: E402
 
 IMG = Path(__file__).resolve().parent / "img"
 DE_EN = Path("runs/multi30k-de-en")
@@ -144,9 +145,10 @@ def heads() -> Path:
 
     cfg, model, _, _, src, labels = _de_en()
     last = cfg.model.n_encoder_layers - 1
+    record = AttentionRecord(layers=[last])
     with torch.no_grad():
-        _, _, attention = model.encode(src, return_attention=[last])
-    path = plot_heads(attention[last]["self"][0], labels, labels, IMG / "heads.png",
+        model.encode(src, record=record)
+    path = plot_heads(record.weights["encoder"][last][0], labels, labels, IMG / "heads.png",
                       title=f"de-en encoder, layer {last + 1}: self-attention of each head")
     _shrink(path)
     return path
@@ -162,8 +164,9 @@ def alignment() -> Path:
     last = cfg.model.n_decoder_layers - 1
     with torch.no_grad():
         memory, src_mask = model.encode(src)
-        _, attention = model.decode(tgt_in, memory, src_mask, return_attention=[last])
-    cross = attention[last]["cross"][0].mean(0)  # (T, S), averaged over heads
+        record = AttentionRecord(layers=[last])
+        model.decode(tgt_in, memory, src_mask, record=record)
+    cross = record.weights["cross"][last][0].mean(0)  # (T, S), averaged over heads
     rows = [tgt_tok.tokenizer.id_to_token(i) for i in hyp] + ["</s>"]  # row t predicts token t
     fig, ax = plt.subplots(figsize=(0.45 * len(src_labels) + 1.5, 0.4 * len(rows) + 1.5))
     ax.imshow(cross.numpy(), cmap="viridis", vmin=0)

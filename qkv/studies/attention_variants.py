@@ -27,6 +27,7 @@ import torch
 
 from qkv.attention import additive_attention, multiplicative_attention, scaled_dot_product_attention
 from qkv.fileio import atomic_write_text
+from qkv.record import AttentionRecord
 from qkv.studies import synthetic
 from qkv.studies.plots import line_plot, markdown_table, panels
 
@@ -126,8 +127,10 @@ def attention_entropy(model, task: synthetic.SyntheticTask, *, n: int, length: i
     batch = task.batch(n, torch.Generator().manual_seed(seed), length=length)
     model.eval()
     with torch.no_grad():
+        record = AttentionRecord()
         memory, src_mask = model.encode(batch["src"])
-        _, w = model.decode(batch["tgt_in"], memory, src_mask, return_attention=True)  # (B, T, S)
+        model.decode(batch["tgt_in"], memory, src_mask, record=record)
+        w = record.weights["cross"][0][:, 0]  # one head: (B, 1, T, S) -> (B, T, S)
     return float(-(w * w.clamp_min(1e-12).log()).sum(-1).mean())
 
 
