@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from qkv.decode import (
+    DecoderCache,
+    Seq2Seq,
     beam_search,
     beam_search_nbest,
     greedy_decode,
@@ -14,7 +16,7 @@ from qkv.decode import (
     sequence_scores,
     translate,
 )
-from qkv.layers import KVCache
+from qkv.errors import DataError
 from qkv.masks import padding_mask
 from qkv.models.transformer import Transformer, TransformerConfig
 
@@ -223,12 +225,30 @@ def test_beam_max_len():
 # --- a scripted bigram model: exact expectations ------------------------------------------------
 
 
-class BigramModel(nn.Module):
-    """p(next | last token) from a fixed table; ignores the source. Enough to script EOS and beams."""
+class ScriptCache:
+    """A decoder state that only records how beam search reorders it."""
 
-    def __init__(self, table: dict[int, dict[int, float]], vocab: int = 6):
+    def __init__(self):
+        self.length = 0
+        self.reorders: list[list[int]] = []
+
+    def reorder(self, index):
+        self.reorders.append(index.tolist())
+
+
+class BigramModel(nn.Module):
+    """p(next | last token) from a fixed table; ignores the source. Enough to script EOS and beams.
+
+    A Seq2Seq by the protocol alone: no config, no positions; ``max_target_len`` is settable.
+    """
+
+    pad_id, bos_id, eos_id = PAD, BOS, EOS
+    max_source_len = None
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab: int = 6, max_target_len: int | None = None):
         super().__init__()
-        self.cfg = TransformerConfig(src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=8, n_heads=2)
+        self.max_target_len = max_target_len
+        self.caches: list[ScriptCache] = []
         probs = torch.full((vocab, vocab), 1.0 / vocab)
         for last, row in table.items():
             probs[last] = 0.0
@@ -237,13 +257,14 @@ class BigramModel(nn.Module):
         self.register_buffer("log_probs", probs.log())
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def encode(self, src):
-        return torch.zeros(*src.shape, 8), padding_mask(src, self.cfg.pad_id)
+    def encode(self, src, *, record=None):
+        return torch.zeros(*src.shape, 8), padding_mask(src, PAD)
 
     def new_cache(self):
-        return [(KVCache(), KVCache())]
+        self.caches.append(ScriptCache())
+        return self.caches[-1]
 
-    def decode(self, tgt, memory, src_mask, *, cache=None):
+    def decode(self, tgt, memory, src_mask, *, cache=None, record=None):
         return self.log_probs[tgt]  # (B, T, V): logits = log p, so log_softmax gives p back
 
 
@@ -296,6 +317,26 @@ def test_scripted_pad_and_bos_are_never_generated():
         assert hyp.tokens and set(hyp.tokens) == {A}
 
 
+def test_scripted_beam_search_reorders_the_cache_to_follow_the_survivors():
+    """Step 1 keeps (A, B) from beam 0 of the single sentence: rows [0, 0]; then each keeps its own."""
+    model = BigramModel(TRAP)
+    beam_search_nbest(model, torch.tensor([[3, EOS]]), beam_size=2, length_penalty=0.6)
+    assert isinstance(model.caches[-1], DecoderCache)
+    assert model.caches[-1].reorders[0] == [0, 0]
+    assert all(len(rows) == 2 for rows in model.caches[-1].reorders)
+    beam_search_nbest(model, torch.tensor([[3, EOS]]), beam_size=2, use_cache=False)
+    assert len(model.caches) == 1  # no cache asked for without use_cache
+
+
+def test_scripted_max_target_len_caps_the_output():
+    """max_target_len counts the decoder input, BOS included: at most max_target_len - 1 tokens."""
+    loop = {BOS: {A: 1.0}, A: {A: 0.99, EOS: 0.01}}
+    src = torch.tensor([[3, EOS]])
+    assert greedy_decode(BigramModel(loop, max_target_len=5), src, max_len=50) == [[A] * 4]
+    assert beam_search(BigramModel(loop, max_target_len=5), src, beam_size=1, max_len=50) == [[A] * 4]
+    assert greedy_decode(BigramModel(loop), src, max_len=7) == [[A] * 7]
+
+
 def test_length_penalty_factor_is_gnmt():
     assert length_penalty_factor(1, 0.6) == 1.0
     assert length_penalty_factor(7, 0.6) == pytest.approx(2.0 ** 0.6)
@@ -329,6 +370,59 @@ def test_translate_restores_order(trained, beam_size, batching):
     assert out == one_by_one
     assert sum(o == s for o, s in zip(out, sentences)) >= 5  # the model copies most
     assert translate(trained, WordTokenizer(), WordTokenizer(), []) == []
+
+
+def test_translate_checks_the_source_length_against_max_source_len():
+    model = tiny_model(positional="learned")  # 64 positions
+    assert model.max_source_len == 64
+    tok = WordTokenizer()
+    translate(model, tok, tok, ["w1 " * 63], beam_size=1)  # 63 words + EOS fit
+    with pytest.raises(DataError, match="my.en:3: 65 tokens.*max_source_len=64"):
+        translate(model, tok, tok, ["w1", "w2", "w1 " * 64], names=["my.en:1", "my.en:2", "my.en:3"])
+    with pytest.raises(ValueError, match="max_source_len=64"):
+        greedy_decode(model, torch.full((1, 65), 3))
+    assert tiny_model().max_source_len is None  # sinusoidal positions extend to any length
+
+
+class ProtocolOnly(nn.Module):
+    """A Transformer seen only through the Seq2Seq protocol (no ``cfg``): decoding must not need more."""
+
+    def __init__(self, inner: Transformer):
+        super().__init__()
+        self.inner = inner
+
+    pad_id = property(lambda self: self.inner.pad_id)
+    bos_id = property(lambda self: self.inner.bos_id)
+    eos_id = property(lambda self: self.inner.eos_id)
+    max_source_len = property(lambda self: self.inner.max_source_len)
+    max_target_len = property(lambda self: self.inner.max_target_len)
+
+    def encode(self, src, *, record=None):
+        return self.inner.encode(src, record=record)
+
+    def decode(self, tgt, memory, src_mask, *, cache=None, record=None):
+        return self.inner.decode(tgt, memory, src_mask, cache=cache, record=record)
+
+    def new_cache(self):
+        return self.inner.new_cache()
+
+
+def test_decoding_reads_the_model_only_through_the_protocol(trained):
+    wrapped = ProtocolOnly(trained)
+    assert isinstance(wrapped, Seq2Seq) and isinstance(trained, Seq2Seq) and not hasattr(wrapped, "cfg")
+    src = random_src(5, generator=torch.Generator().manual_seed(13))
+    assert greedy_decode(wrapped, src) == greedy_decode(trained, src)
+    assert beam_search(wrapped, src, beam_size=3) == beam_search(trained, src, beam_size=3)
+    assert sequence_scores(wrapped, src, [[3, 4]] * 5) == sequence_scores(trained, src, [[3, 4]] * 5)
+    tok = WordTokenizer()
+    assert translate(wrapped, tok, tok, ["w1 w2 w3", "w4"]) == translate(trained, tok, tok, ["w1 w2 w3", "w4"])
+    learned = tiny_model(positional="learned")
+    assert ProtocolOnly(learned).max_target_len == learned.max_target_len == 64
+
+
+def test_a_model_without_the_protocol_is_refused_naming_what_it_lacks():
+    with pytest.raises(ValueError, match="not a Seq2Seq model.*max_target_len"):
+        greedy_decode(nn.Linear(2, 2), torch.tensor([[3, EOS]]))
 
 
 def test_translate_checks_tokenizer_ids(trained):
