@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -59,17 +60,48 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("lr", "max_steps", "accumulate", "log_every", "eval_every", "save_every", "keep_checkpoints")
+        floats = {name: getattr(self, name) for name in ("lr", "eps", "weight_decay", "layer_lr_decay", "min_lr_ratio",
+                                                         "label_smoothing", "clip_grad_norm", "peak_tflops")}
+        for key, value in {**floats, **{f"betas[{i}]": b for i, b in enumerate(self.betas)}}.items():
+            _check_finite(f"train.{key}", value)  # NaN passes every comparison below
+        positive = ("lr", "eps", "max_steps", "accumulate", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                    "max_skipped")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "clip_grad_norm", "warmup_steps", "average_last", "patience", "peak_tflops"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0{_OFF.get(name, '')}, got {getattr(self, name)}")
         if self.average_last > self.keep_checkpoints:
             raise ConfigError(f"train.average_last={self.average_last} needs train.keep_checkpoints >= it, "
                               f"got {self.keep_checkpoints}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """The fields bounded on both sides (intervals as in the paper's notation)."""
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0.0 < self.layer_lr_decay <= 1.0:
             raise ConfigError(f"train.layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1] (a fraction of train.lr), got {self.min_lr_ratio}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.seed < 2**32:  # numpy's seeds are 32-bit
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
+
+
+_OFF = {"clip_grad_norm": " (0 = no clipping)", "patience": " (0 = no early stopping)", "average_last": " (0 = off)",
+        "peak_tflops": " (0 = measure)"}
+
+
+def _check_finite(key: str, value: float) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+class _OutOfRange(ConfigError):
+    """A value of the right type outside its range: in a union, this error is the one to report."""
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -82,7 +114,7 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
                 return _check_type(value, option, where)
             except ConfigError as err:
                 errors.append(err)
-        raise errors[-1]
+        raise next((e for e in errors if isinstance(e, _OutOfRange)), errors[-1])  # "finite", not "expected null"
     if annotation is type(None):
         if value is None:
             return None
@@ -98,18 +130,32 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_check_type(v, kind, f"{where}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if annotation is float and not isinstance(value, bool):
+        number = _as_float(value)
+        if number is not None:
+            if not math.isfinite(number):  # .nan, .inf, "1e999": no float setting means anything there
+                raise _OutOfRange(f"{where}: must be a finite number, got {value!r}")
+            return number
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
     if annotation is Any:
         return value
     raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _as_float(value: Any) -> float | None:
+    """ints and floats, and strings such as "1e-4" (YAML 1.1 reads an exponent without a dot as a string)."""
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range
+            return math.inf
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def from_dict(cls: type, data: dict | None, *, where: str) -> Any:
@@ -146,7 +192,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml_text(raw, name=f"--set {item!r}")
         except yaml.YAMLError:
             value = raw
         *parents, leaf = key.strip().split(".")
@@ -159,17 +205,90 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+MAX_CONFIG_BYTES = 10_000_000
+"""A config file larger than this is refused before it is parsed."""
+MAX_YAML_NODES = 100_000
+"""A YAML document may hold at most this many values once its aliases are expanded (a billion-laughs
+file of 429 bytes expands to 10^9); a real config holds a few hundred."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, at any depth (PyYAML keeps the last)."""
+
+    name = "<yaml>"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            _refuse_duplicates(self, node)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    first: dict[Any, int] = {}  # key -> the line it was first given on
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden by design
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:  # an unhashable key: SafeLoader's own error follows
+            continue
+        line = key_node.start_mark.line + 1
+        if key in first:
+            raise ConfigError(f"{loader.name}:{line}: duplicate key {key!r} (first given on line {first[key]}); "
+                              "YAML would silently keep the last one")
+        first[key] = line
+
+
+def _expanded_size(node: yaml.Node, *, limit: int, name: str) -> int:
+    """The number of values in ``node`` with every alias expanded; ConfigError past ``limit``."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in active:
+            raise ConfigError(f"{name}:{n.start_mark.line + 1}: a recursive YAML alias (a value that contains itself)")
+        active.add(id(n))
+        children = n.value if isinstance(n, yaml.SequenceNode) else (
+            [part for pair in n.value for part in pair] if isinstance(n, yaml.MappingNode) else [])
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                raise ConfigError(f"{name}: YAML aliases expand to more than {limit:,} values (an alias bomb?); "
+                                  "write the values out instead of repeating anchors")
+        active.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
+def load_yaml_text(text: str, *, name: str) -> Any:
+    """Parse one YAML document strictly: duplicate keys, alias bombs and recursive aliases are
+    ConfigErrors naming ``name`` (and the line); syntax errors are ``yaml.YAMLError``."""
+    loader = _StrictLoader(text)
+    loader.name = name
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, limit=MAX_YAML_NODES, name=name)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{name}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with errors that name the file (and line, for syntax errors)."""
+    """Read a YAML mapping, with errors that name the file (and line, for syntax errors and duplicate keys)."""
     path = Path(path)
+    text = _read_config_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text, name=str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -179,6 +298,24 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, expected a YAML config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
 
 
 def write_json(path: str | Path, data: Any) -> None:
