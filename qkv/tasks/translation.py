@@ -8,7 +8,7 @@ Loss: cross-entropy with label smoothing (sec. 5.4) over non-padding target toke
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -111,10 +111,13 @@ def encode_corpus(corpus: ParallelCorpus, src_tok: TextTokenizer, tgt_tok: TextT
 
 
 def model_config(cfg, src_tok: TextTokenizer, tgt_tok: TextTokenizer) -> TransformerConfig:
-    """The model section with vocabulary sizes and special ids filled in from the tokenizers."""
-    return replace(cfg.model, src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size,
-                   pad_id=tgt_tok.pad_id, bos_id=tgt_tok.bos_id, eos_id=tgt_tok.eos_id,
-                   max_len=max(cfg.model.max_len, cfg.data.max_len + cfg.decode.max_len_b + 1))
+    """The model section with vocabulary sizes and special ids filled in from the tokenizers, and a
+    position table (a model with one: ``max_len``) long enough for the longest input and output."""
+    filled = dict(src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size, pad_id=tgt_tok.pad_id,
+                  bos_id=tgt_tok.bos_id, eos_id=tgt_tok.eos_id)
+    if "max_len" in {f.name for f in fields(cfg.model)}:  # a recurrent model has no positions
+        filled["max_len"] = max(cfg.model.max_len, cfg.data.max_len + cfg.decode.max_len_b + 1)
+    return replace(cfg.model, **filled)
 
 
 def load_tokenizers(run_dir: Path) -> tuple[TextTokenizer, TextTokenizer]:
