@@ -6,7 +6,6 @@ and French translations, aligned line by line. Files already present and valid a
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import urllib.error
@@ -23,6 +22,10 @@ logger = logging.getLogger(__name__)
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
 MULTI30K_LINES = {"train": 29000, "val": 1014, "test_2016_flickr": 1000}
 """Known line counts of the upstream files, checked only when downloading from upstream."""
+MAX_DOWNLOAD_BYTES = 64_000_000
+"""The largest compressed file fetched (Multi30k's largest is under 1 MB)."""
+MAX_TEXT_BYTES = 256_000_000
+"""The largest decompressed file: a gzip bomb stops here, after at most this much memory."""
 
 
 def fetch_multi30k(
@@ -67,7 +70,7 @@ def _fetch_one(path: Path, url: str, expected_lines: int | None, timeout: float)
             return n
         except DataError as e:
             logger.warning("%s: present but invalid (%s); downloading it again", path, e)
-    data = _decompress(_download(url, timeout), url)
+    data = _decompress(_download(url, timeout, limit=MAX_DOWNLOAD_BYTES), url, limit=MAX_TEXT_BYTES)
     n = len(parse_lines(data, name=url))
     _check_count(url, n, expected_lines)
     atomic_write_bytes(path, data)
@@ -75,22 +78,49 @@ def _fetch_one(path: Path, url: str, expected_lines: int | None, timeout: float)
     return n
 
 
-def _download(url: str, timeout: float) -> bytes:
+def _download(url: str, timeout: float, *, limit: int) -> bytes:
+    """The bytes at ``url``; more than ``limit`` of them is a DataError (read no further)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()
+            stated = response.headers.get("Content-Length") if response.headers else None
+            if stated and stated.isdigit() and int(stated) > limit:
+                raise DataError(f"{url}: the file is {int(stated):,} bytes, more than the limit of {limit:,} "
+                                "(qkv.data.fetch.MAX_DOWNLOAD_BYTES)")
+            data = response.read(limit + 1)
     except urllib.error.HTTPError as e:
         raise DataError(f"{url}: download failed: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         reason = getattr(e, "reason", e)
         raise DataError(f"{url}: download failed: {reason}") from None
+    if len(data) > limit:
+        raise DataError(f"{url}: more than {limit:,} bytes, the download limit (qkv.data.fetch.MAX_DOWNLOAD_BYTES)")
+    return data
 
 
-def _decompress(data: bytes, url: str) -> bytes:
+def _decompress(data: bytes, url: str, *, limit: int) -> bytes:
+    """gunzip ``data`` (all members), refusing to produce more than ``limit`` bytes (a gzip bomb)."""
+    out = bytearray()
+    rest = data
     try:
-        return gzip.decompress(data)
+        while rest:
+            inflate = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer
+            chunk = inflate.decompress(rest, limit + 1 - len(out))
+            while True:
+                out += chunk
+                if len(out) > limit:
+                    raise DataError(f"{url}: decompresses to more than {limit:,} bytes, the limit "
+                                    "(qkv.data.fetch.MAX_TEXT_BYTES); a gzip bomb?")
+                if inflate.eof or not inflate.unconsumed_tail:
+                    break
+                chunk = inflate.decompress(inflate.unconsumed_tail, limit + 1 - len(out))
+            if not inflate.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            rest = inflate.unused_data
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{url}: not a valid gzip file: {e}") from None
+    return bytes(out)
 
 
 def _check_count(name: str, n: int, expected: int | None) -> None:

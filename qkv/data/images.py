@@ -20,6 +20,9 @@ so that evaluation after training sees exactly the same test images.
 from __future__ import annotations
 
 import math
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,11 @@ from qkv.errors import DataError
 
 BUILTIN = ("digits", "mnist5k")
 EXTENSIONS = (".png", ".jpg", ".jpeg")
+MAX_IMAGE_PIXELS = 64_000_000
+"""The largest image file read (8000 x 8000): a bigger one, such as a 200-megapixel PNG of 200 KB
+(a decompression bomb), is refused from its header, before any pixel is decoded."""
+MAX_NPZ_BYTES = 4_000_000_000
+"""The largest array an image .npz may unpack to (its members' sizes are read before loading)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ def _to_unit(x: np.ndarray, name: str) -> np.ndarray:
 def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """An .npz with x (N, H, W) or (N, H, W, C) and y (N,) -> (x (N, H, W, C) float32, y, names or None)."""
     path = Path(path)
+    _check_npz_size(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("x", "y") if k not in data.files]
@@ -118,13 +127,25 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str] | None
     return _to_unit(x, str(path)), y, names
 
 
+def _check_npz_size(path: Path) -> None:
+    """Refuse an .npz whose members unpack to more than MAX_NPZ_BYTES (from the zip directory alone)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip (or missing): np.load's error, named below, says so
+    if total > MAX_NPZ_BYTES:
+        raise DataError(f"{path}: its arrays unpack to {total:,} bytes, more than the limit of {MAX_NPZ_BYTES:,} "
+                        "(qkv.data.images.MAX_NPZ_BYTES)")
+
+
 def read_image(path: str | Path, *, size: int, channels: int, resize: bool) -> np.ndarray:
     """One PNG/JPEG -> (H, W, C) float32 in [0, 1] at ``size`` x ``size`` with ``channels``."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with _open_bounded(path) as img:
             img.load()
             mode = {1: "L", 3: "RGB"}.get(channels)
             if mode is None:
@@ -143,9 +164,39 @@ def read_image(path: str | Path, *, size: int, channels: int, resize: bool) -> n
             array = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(f"{path}: not a readable image ({err})") from None
     return (array.reshape(size, size, channels).astype(np.float32) / 255.0)
+
+
+def _open_bounded(path: Path):
+    """Image.open (it reads the header only), refusing more than MAX_IMAGE_PIXELS before decoding.
+
+    Pillow's own check (Image.MAX_IMAGE_PIXELS) only warns below twice its limit and raises its
+    own exception above; ours is one DataError naming the file, whatever Pillow's global is set to.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        _too_many_pixels(path, int(found.group(1)) if found else None, "")
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        img.close()
+        _too_many_pixels(path, width * height, f" ({width}x{height})")
+    return img
+
+
+def _too_many_pixels(path: Path, pixels: int | None, size: str) -> None:
+    count = f"{pixels:,} pixels{size}" if pixels is not None else "too many pixels"
+    raise DataError(f"{path}: image has {count}, more than the limit of {MAX_IMAGE_PIXELS:,} "
+                    "(qkv.data.images.MAX_IMAGE_PIXELS; a decompression bomb?)")
 
 
 def read_folder(folder: str | Path, *, size: int, channels: int, resize: bool):

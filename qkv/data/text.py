@@ -1,24 +1,32 @@
 """Strict UTF-8 line and TSV readers, and atomic file writes.
 
-Lines are split on ``\\n`` only: a lone ``\\r``, U+2028, U+2029 and U+0085 inside a line are
-text, not line breaks (``str.splitlines`` would split on them and shift every later line
-number, so a "parallel" corpus would silently misalign). A file is decoded line by line from
-bytes, so an error names the exact ``path:line`` (1-based) and byte offset.
+Lines are split on ``\\n`` only. Every other character that ``str.splitlines`` splits on (a lone
+``\\r``, ``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``, U+0085, U+2028, U+2029) is an error naming
+``path:line``: another tool would end a line there and shift every later line number, so a
+"parallel" corpus would silently misalign. A file is read and decoded line by line from bytes,
+so an error names the exact ``path:line`` (1-based) and byte offset, and memory stays bounded by
+``MAX_LINE_CHARS`` per line: a 10 GB line is refused after reading a few MB of it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from qkv.errors import DataError
 from qkv.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 
 _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+MAX_LINE_CHARS = 1_000_000
+"""The longest line any reader accepts, whatever ``max_chars`` says (a line is tokenised whole)."""
+_CHUNK = 1 << 23
+_CONTINUATION = bytes(range(0x80, 0xC0))
 
 
 def read_lines(path: str | os.PathLike, *, max_chars: int | None = None, allow_empty: bool = False) -> list[str]:
@@ -26,44 +34,81 @@ def read_lines(path: str | os.PathLike, *, max_chars: int | None = None, allow_e
 
     A UTF-8 byte-order mark at the start is dropped; a ``\\r`` before ``\\n`` (CRLF) is dropped;
     a missing final newline is fine. Raises DataError naming ``path:line`` for: a missing file,
-    invalid UTF-8 (with the byte offset), a NUL byte, an empty or whitespace-only line (unless
-    ``allow_empty``), a line longer than ``max_chars`` characters, and an empty file.
+    invalid UTF-8 (with the byte offset), a NUL byte, a character other tools end lines at, an
+    empty or whitespace-only line (unless ``allow_empty``), a line longer than ``max_chars`` (or
+    ``MAX_LINE_CHARS``) characters, and an empty file.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            return list(_lines(f, name=str(path), max_chars=max_chars, allow_empty=allow_empty))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a text file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    return parse_lines(data, name=str(path), max_chars=max_chars, allow_empty=allow_empty)
 
 
 # Characters that str.splitlines() and many tools treat as line ends, besides "\n" and "\r\n".
-_NAMES = {"\r": "carriage return", "\x85": "NEXT LINE (U+0085)", "\u2028": "LINE SEPARATOR (U+2028)",
-          "\u2029": "PARAGRAPH SEPARATOR (U+2029)"}
-_LINE_BREAKS = re.compile("[\r\x85\u2028\u2029]")
+_NAMES = {"\r": "carriage return", "\x0b": "VERTICAL TAB (U+000B)", "\x0c": "FORM FEED (U+000C)",
+          "\x1c": "FILE SEPARATOR (U+001C)", "\x1d": "GROUP SEPARATOR (U+001D)",
+          "\x1e": "RECORD SEPARATOR (U+001E)", "\x85": "NEXT LINE (U+0085)",
+          "\u2028": "LINE SEPARATOR (U+2028)", "\u2029": "PARAGRAPH SEPARATOR (U+2029)"}
+_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def parse_lines(data: bytes, *, name: str, max_chars: int | None = None, allow_empty: bool = False) -> list[str]:
     """The checks of ``read_lines`` on bytes already in memory; ``name`` is used in messages."""
+    return list(_lines(io.BytesIO(data), name=name, max_chars=max_chars, allow_empty=allow_empty))
+
+
+def _lines(f: BinaryIO, *, name: str, max_chars: int | None, allow_empty: bool) -> Iterator[str]:
+    """Decode ``f`` line by line; no line of more than the character limit is ever held whole."""
     if max_chars is not None and max_chars < 1:
         raise DataError(f"max_chars={max_chars} must be positive or None")
-    if data.startswith(_UTF16_BOMS):
+    limit = MAX_LINE_CHARS if max_chars is None else min(max_chars, MAX_LINE_CHARS)
+    most_bytes = 4 * limit + 2  # UTF-8 takes at most 4 bytes a character; + "\r\n"
+    raw, offset, lineno = f.readline(most_bytes + 1), 0, 0
+    if raw.startswith(_UTF16_BOMS):
         raise DataError(f"{name}:1: file starts with a UTF-16 byte-order mark; expected UTF-8")
-    offset = len(_BOM) if data.startswith(_BOM) else 0
-    if offset == len(data):
+    if raw.startswith(_BOM):
+        raw, offset = raw[len(_BOM):], len(_BOM)
+        raw = raw or f.readline(most_bytes + 1)
+    if not raw:
         raise DataError(f"{name}: file is empty")
-    raw_lines = data[offset:].split(b"\n")
-    if raw_lines[-1] == b"":
-        raw_lines.pop()  # the final newline ends the last line; it does not start a new one
-    lines = []
-    for lineno, raw in enumerate(raw_lines, start=1):
-        lines.append(_decode_line(raw, name, lineno, offset, max_chars, allow_empty))
-        offset += len(raw) + 1
-    return lines
+    while raw:
+        lineno += 1
+        if len(raw) > most_bytes and not raw.endswith(b"\n"):
+            _too_long(name, lineno, _count_chars(raw) + _skip_line(f), max_chars)
+        yield _decode_line(raw[:-1] if raw.endswith(b"\n") else raw, name, lineno, offset, max_chars, allow_empty)
+        offset += len(raw)
+        raw = f.readline(most_bytes + 1)
+
+
+def _count_chars(data: bytes) -> int:
+    """UTF-8 characters in ``data``: every byte that is not a continuation byte (0b10xxxxxx)."""
+    return len(data.translate(None, _CONTINUATION))
+
+
+def _skip_line(f: BinaryIO) -> int:
+    """Read the rest of an over-long line in chunks, counting its characters (without the ``\\n``).
+
+    The line is an error, so reading past its end does not matter."""
+    count = 0
+    while chunk := f.read(_CHUNK):
+        end = chunk.find(b"\n")
+        if end >= 0:
+            return count + _count_chars(chunk[:end].removesuffix(b"\r"))
+        count += _count_chars(chunk)
+    return count
+
+
+def _too_long(name: str, lineno: int, n: int, max_chars: int | None) -> None:
+    if max_chars is not None and max_chars <= MAX_LINE_CHARS:
+        raise DataError(f"{name}:{lineno}: line has {n} characters, more than max_chars={max_chars}")
+    raise DataError(f"{name}:{lineno}: line has {n} characters, more than the limit of {MAX_LINE_CHARS:,} "
+                    "(qkv.data.text.MAX_LINE_CHARS); split the line")
 
 
 def _decode_line(raw: bytes, name: str, lineno: int, offset: int, max_chars: int | None, allow_empty: bool) -> str:
@@ -92,6 +137,8 @@ def _decode_line(raw: bytes, name: str, lineno: int, offset: int, max_chars: int
         raise DataError(f"{name}:{lineno}: {kind}")
     if max_chars is not None and len(line) > max_chars:
         raise DataError(f"{name}:{lineno}: line has {len(line)} characters, more than max_chars={max_chars}")
+    if len(line) > MAX_LINE_CHARS:
+        _too_long(name, lineno, len(line), max_chars)
     return line
 
 
