@@ -17,6 +17,7 @@ from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig, SentenceEnco
 from qkv.models.rnn_seq2seq import RNNSeq2Seq, RNNSeq2SeqConfig
 from qkv.models.transformer import Transformer, TransformerConfig
 from qkv.models.vit import ImageEmbedder, ViT, ViTConfig
+from qkv.record import AttentionRecord
 
 TINY = {"d_model": 32, "n_heads": 4, "dropout": 0.0}
 
@@ -140,17 +141,17 @@ def test_other_families_keep_fused_layers(family, monkeypatch):
 def test_encoder_only_keeps_its_unpadded_fast_path_when_not_asked(monkeypatch):
     model, (ids,) = bert(SequenceClassifier)
     calls = Counter()
-    original = MultiHeadAttention._forward_unpadded
+    original = MultiHeadAttention.forward
 
     def spy(self, *args, **kwargs):
-        calls["unpadded"] += 1
+        calls["unpadded" if kwargs.get("unpadded") is not None else "padded"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(MultiHeadAttention, "_forward_unpadded", spy)
+    monkeypatch.setattr(MultiHeadAttention, "forward", spy)
     expected = plain(model, (ids,))
-    assert calls["unpadded"] == 3  # every layer skipped the padding
+    assert calls == {"unpadded": 3}  # every layer skipped the padding
     outputs, weights = collect(model, ids, layers=[0])
-    assert calls["unpadded"] == 3  # asking for weights uses the padded layout, for every layer
+    assert calls == {"unpadded": 3, "padded": 3}  # asking for weights uses the padded layout, for every layer
     torch.testing.assert_close(outputs, expected, atol=1e-5, rtol=1e-5)
     assert weights["encoder"][0][1, :, :, 4:].abs().max() == 0  # padding gets no weight
 
@@ -165,14 +166,18 @@ def test_rnn_attention_is_reported_as_one_head_cross_attention():
     assert collect(model, src, tgt, layers=False).weights == {}
 
 
-def test_transformer_forward_returns_weights_per_stack():
+def test_transformer_forward_records_weights_per_stack():
     model, (src, tgt) = transformer()
-    logits, attention = model(src, tgt, return_attention={"decoder": [2]})
-    torch.testing.assert_close(logits, plain(model, (src, tgt)))
-    assert attention["encoder"] == {} and set(attention["decoder"]) == {2}
-    assert set(attention["decoder"][2]) == {"self", "cross"}
-    _, attention = model(src, tgt, return_attention=True)
-    assert set(attention["encoder"]) == set(attention["decoder"]) == {0, 1, 2}
+    record = AttentionRecord({"decoder": [2]})
+    with torch.no_grad():
+        logits = model(src, tgt, record=record)
+    torch.testing.assert_close(logits, plain(model, (src, tgt)))  # the return type and value do not change
+    assert set(record.weights) == {"decoder", "cross"} and set(record.weights["decoder"]) == {2}
+    record = AttentionRecord(True)
+    with torch.no_grad():
+        model(src, tgt, record=record)
+    assert {kind: set(w) for kind, w in record.weights.items()} == {k: {0, 1, 2} for k in ("encoder", "decoder",
+                                                                                            "cross")}
 
 
 def test_bad_layers_are_named():
