@@ -125,7 +125,8 @@ def attention_picture(aset, out: str | Path) -> dict:
         raise ValueError(f"{aset.title}: the class-token picture needs an image run's attention")
     if sorted(group.layers) != list(range(len(group.layers))):
         raise ValueError(f"the rollout needs every layer's attention, got layers {sorted(group.layers)}")
-    attention = torch.stack([group.layers[i].float().mean(dim=0) for i in sorted(group.layers)])[:, None]  # (L, 1, T, T)
+    attention = torch.stack([group.layers[i].float().mean(dim=0) for i in sorted(group.layers)])  # (L, T, T)
+    attention = attention[:, None]  # (L, 1, T, T): a batch of one
     maps = class_token_maps(attention, n_special=group.n_special, grid=group.grid)
     result = {"out": str(out)}
     if aset.prediction is not None:

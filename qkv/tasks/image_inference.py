@@ -28,8 +28,8 @@ import torch
 
 from qkv.data.images import ImageSet, load_images, normalize, shift_views
 from qkv.errors import CheckpointError, ConfigError, DataError
-from qkv.tasks.inference import LoadedRun, as_list, flagged
 from qkv.tasks.classification import write_confusion
+from qkv.tasks.inference import LoadedRun, as_list, flagged
 from qkv.tasks.vision import (
     CONFUSION,
     SPLIT,

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from qkv.data.lm import RandomBlocks, read_text, read_texts, split_ids
 from qkv.data.tokenizer import CharTokenizer, load_tokenizer, train_bpe
-from qkv.models.decoder_only import DecoderOnly, DecoderOnlyConfig
 from qkv.errors import ConfigError, DataError
 from qkv.generate import SamplingConfig
+from qkv.models.decoder_only import DecoderOnly, DecoderOnlyConfig
 from qkv.tasks import TaskSpec, register
 from qkv.tasks.inference import LoadedRun, as_list, flagged
 
