@@ -50,18 +50,6 @@ def position_scheme(kind: str, *, n_heads: int, head_dim: int, max_len: int, cau
     return None
 
 
-def relative_positions(kind: str, n_heads: int, head_dim: int, max_len: int) -> dict:
-    """Keyword arguments for the blocks: {'rope': ...} or {'alibi': ...} or {}."""
-    check_positional(kind)
-    if kind == "rope":
-        return {"rope": RotaryEmbedding(head_dim, max_len=max_len)}
-    if kind == "alibi":
-        return {"alibi": ALiBi(n_heads)}
-    if kind == "t5":  # never silently position-free: T5 exists only as a position= scheme
-        raise ValueError("positional='t5' needs the position= slot: build it with position_scheme()")
-    return {}
-
-
 class TokenEmbedding(nn.Module):
     """Sec. 3.4: learned embeddings, multiplied by sqrt(d_model) when ``scale`` (the paper does)."""
 
