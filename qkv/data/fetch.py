@@ -70,7 +70,7 @@ def _fetch_one(path: Path, url: str, expected_lines: int | None, timeout: float)
             return n
         except DataError as e:
             logger.warning("%s: present but invalid (%s); downloading it again", path, e)
-    data = _decompress(_download(url, timeout, limit=MAX_DOWNLOAD_BYTES), url, limit=MAX_TEXT_BYTES)
+    data = _decompress(_download(url, timeout), url)
     n = len(parse_lines(data, name=url))
     _check_count(url, n, expected_lines)
     atomic_write_bytes(path, data)
@@ -78,8 +78,9 @@ def _fetch_one(path: Path, url: str, expected_lines: int | None, timeout: float)
     return n
 
 
-def _download(url: str, timeout: float, *, limit: int) -> bytes:
-    """The bytes at ``url``; more than ``limit`` of them is a DataError (read no further)."""
+def _download(url: str, timeout: float, *, limit: int | None = None) -> bytes:
+    """The bytes at ``url``; more than ``limit`` (MAX_DOWNLOAD_BYTES) of them is a DataError (read no further)."""
+    limit = MAX_DOWNLOAD_BYTES if limit is None else limit
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             stated = response.headers.get("Content-Length") if response.headers else None
@@ -99,8 +100,9 @@ def _download(url: str, timeout: float, *, limit: int) -> bytes:
     return data
 
 
-def _decompress(data: bytes, url: str, *, limit: int) -> bytes:
-    """gunzip ``data`` (all members), refusing to produce more than ``limit`` bytes (a gzip bomb)."""
+def _decompress(data: bytes, url: str, *, limit: int | None = None) -> bytes:
+    """gunzip ``data`` (all members), refusing to produce more than ``limit`` (MAX_TEXT_BYTES) bytes."""
+    limit = MAX_TEXT_BYTES if limit is None else limit
     out = bytearray()
     rest = data
     try:
