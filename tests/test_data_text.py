@@ -32,13 +32,7 @@ def test_bom_is_stripped_and_crlf_endings_dropped(tmp_path):
     assert read_lines(path) == ["Äpfel", "Birnen"]
 
 
-@pytest.mark.parametrize("sep", ["\x0b", "\x0c", "\x1c"])
-def test_only_newline_splits_lines(tmp_path, sep):
-    path = write(tmp_path, "x.txt", f"a{sep}b\nc\n".encode())
-    assert read_lines(path) == [f"a{sep}b", "c"]
-
-
-@pytest.mark.parametrize("sep", ["\r", "\u2028", "\u2029", "\u0085"])
+@pytest.mark.parametrize("sep", ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\u2028", "\u2029", "\u0085"])
 def test_characters_other_tools_split_on_are_errors(tmp_path, sep):
     """Python's splitlines() and many tools end a line there: parallel files would fall out of step."""
     path = write(tmp_path, "x.txt", f"c\na{sep}b\n".encode())
