@@ -8,7 +8,7 @@ Two measurements:
                    A break is where dynamo gives the graph back to Python (a data-dependent branch,
                    ``int(x.max())``, ``.item()``): a host sync on a GPU and a split graph for the
                    compiler. Printed as {"bench": "graph_breaks", "family": ..., "breaks": N, "graphs": G}.
-    mha / encoder_block
+    mha / encoder_block (and *_masked, with a (B, 1, 1, T) padding mask)
                    the per-call time of ``MultiHeadAttention.forward`` (self-attention) and of one
                    ``EncoderBlock`` at B=2, T=16, D=64, H=4 (eval, no_grad), against bare
                    ``F.scaled_dot_product_attention`` on the same (B, H, T, Dh) q, k, v. At this
@@ -78,11 +78,17 @@ def overhead(quick: bool) -> None:
     q, k, v = (torch.randn(B, H, T, D // H) for _ in range(3))
     mha = MultiHeadAttention(D, H).eval()
     block = EncoderBlock(BlockConfig(d_model=D, n_heads=H, d_ff=4 * D, dropout=0.0)).eval()
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[1, ..., T // 2:] = False  # padding: (B, 1, 1, T), True = may attend
     repeats = 200 if quick else 2000
+    cases = (("mha", lambda: mha(x), lambda: F.scaled_dot_product_attention(q, k, v)),
+             ("mha_masked", lambda: mha(x, mask=mask), lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
+             ("encoder_block", lambda: block(x), lambda: F.scaled_dot_product_attention(q, k, v)),
+             ("encoder_block_masked", lambda: block(x, mask=mask),
+              lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
     with torch.no_grad():
-        for bench, layer in (("mha", mha), ("encoder_block", block)):
-            ours, bare = time_fns(lambda layer=layer: layer(x), lambda: F.scaled_dot_product_attention(q, k, v),
-                                  warmup=50, repeats=repeats)
+        for bench, ours_fn, bare_fn in cases:
+            ours, bare = time_fns(ours_fn, bare_fn, warmup=50, repeats=repeats)
             emit(bench, ours, "F.sdpa", bare, shape=[B, T, D, H], ours_us=round(ours * 1e6, 1),
                  baseline_us=round(bare * 1e6, 1))
 
