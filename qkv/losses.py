@@ -158,8 +158,8 @@ def pair_labels(n: int, *, device: torch.device | str | None = None) -> torch.Te
 # --- the output projection and label-smoothed cross-entropy, fused and chunked ----------------------
 
 def chunked_projection_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                                     ignore_index: int, label_smoothing: float,
-                                     chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+                                     ignore_index: int, label_smoothing: float, chunk_size: int = 512,
+                                     recompute: bool = True) -> tuple[torch.Tensor, int]:
     """Mean label-smoothed cross-entropy of logits = hidden W^T, never holding the (N, V) logits.
 
     hidden (N, D), weight (V, D) (the output projection, no bias), targets (N,) -> (loss, n_tokens):
@@ -172,14 +172,19 @@ def chunked_projection_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
         loss_i = (1 - eps) * (lse_i - z_iy) + eps * (lse_i - mean_j z_ij),  lse_i = log sum_j exp z_ij
 
     Rows whose target is ``ignore_index`` are dropped before the projection (they cost nothing).
-    The rest go ``chunk_size`` rows at a time; the backward pass recomputes each chunk's logits,
-    so memory is O(chunk_size * V) instead of O(N * V). A batch with no real target gives loss 0
-    (connected to the graph: gradients are zeros) and n_tokens 0.
+    The rest go ``chunk_size`` rows at a time, so memory is O(chunk_size * V) instead of O(N * V).
+    ``recompute=True``: the backward pass recomputes each chunk's logits (4 matmuls in all).
+    ``recompute=False``: when a gradient will be wanted (grad mode on, hidden or weight requiring
+    it), the forward pass computes it while each chunk's logits exist and keeps the (N, D) and
+    (V, D) results for backward (3 matmuls, the plain path's count). A batch with no real target
+    gives loss 0 (connected to the graph: gradients are zeros) and n_tokens 0.
     """
     _check_projection(hidden, weight, targets, label_smoothing, chunk_size)
     keep = (targets != ignore_index).nonzero().squeeze(1)  # (N_real,)
     n_tokens = int(keep.numel())
-    loss_sum = _ChunkedProjectionCE.apply(hidden, weight, targets, keep, float(label_smoothing), int(chunk_size))
+    eager = not recompute and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss_sum = _ChunkedProjectionCE.apply(hidden, weight, targets, keep, float(label_smoothing), int(chunk_size),
+                                          eager)
     return loss_sum / max(n_tokens, 1), n_tokens
 
 
@@ -197,52 +202,88 @@ def _check_projection(hidden, weight, targets, label_smoothing, chunk_size) -> N
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(n, D), (V, D) -> float32 (float64 for float64) logits (n, V), computed in hidden's dtype as the plain path does."""
+    """(n, D), (V, D) -> logits (n, V) computed in hidden's dtype, then float32 (float64 stays), as the plain path."""
     logits = F.linear(hidden, weight)  # (n, V)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-class _ChunkedProjectionCE(torch.autograd.Function):
-    """Summed smoothed cross-entropy over rows ``keep`` of hidden; backward recomputes each chunk's logits.
+def _add_chunk_grads(probs: torch.Tensor, labels: torch.Tensor, eps: float, hidden: torch.Tensor,
+                     weight: torch.Tensor, grad_rows: torch.Tensor, grad_weight: torch.Tensor) -> None:
+    """One chunk's d loss / d z = softmax(z) - (1 - eps) [j = y] - eps / V, pushed through the projection.
 
-    d loss_i / d z_ij = softmax(z_i)_j - (1 - eps) [j = y_i] - eps / V, then
-    d hidden_i = dz_i W and d W = sum_i dz_i^T hidden_i, chunk by chunk.
+    probs (n, V) = softmax(z), overwritten; hidden (n, D); writes grad_rows (n, D) = dz W and adds
+    dz^T hidden to grad_weight (V, D), both before the upstream gradient's scale.
+    """
+    if eps:
+        probs.sub_(eps / probs.shape[1])
+    probs.scatter_add_(1, labels[:, None], probs.new_full((probs.shape[0], 1), eps - 1.0))  # - (1 - eps) at y
+    dz = probs.to(hidden.dtype)  # (n, V)
+    grad_rows.copy_(dz @ weight)  # (n, D)
+    grad_weight.addmm_(dz.T.to(grad_weight.dtype), hidden.to(grad_weight.dtype))  # (V, D)
+
+
+class _ChunkedProjectionCE(torch.autograd.Function):
+    """Summed smoothed cross-entropy over rows ``keep`` of hidden, a chunk of rows at a time.
+
+    d hidden_i = dz_i W and d W = sum_i dz_i^T hidden_i (``_add_chunk_grads``), computed in the
+    backward pass from recomputed logits, or in the forward pass when ``eager``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, keep, eps: float, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, keep, eps: float, chunk_size: int, eager: bool):
         V = weight.shape[0]
         rows, labels = hidden.index_select(0, keep), targets.index_select(0, keep)  # (N_real, D), (N_real,)
+        if eager:
+            grad_rows, grad_weight = torch.empty_like(rows), _grad_buffer(weight)
         total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         lse_parts = []
         for start in range(0, rows.shape[0], chunk_size):
-            z = _chunk_logits(rows[start:start + chunk_size], weight)  # (n, V)
-            y = labels[start:start + chunk_size]
+            h, y = rows[start:start + chunk_size], labels[start:start + chunk_size]  # (n, D), (n,)
+            z = _chunk_logits(h, weight)  # (n, V)
             lse = z.logsumexp(dim=-1)  # (n,)
             picked = z.gather(1, y[:, None]).squeeze(1)  # (n,)
-            loss = lse - (1.0 - eps) * picked - (eps / V) * z.sum(dim=-1)  # (n,)
+            loss = lse - (1.0 - eps) * picked - (eps / V) * z.sum(dim=-1) if eps else lse - picked  # (n,)
             total = total + loss.sum()
-            lse_parts.append(lse)
-        lse = torch.cat(lse_parts) if lse_parts else total.new_zeros(0)  # (N_real,)
-        ctx.save_for_backward(hidden, weight, labels, keep, lse)
-        ctx.eps, ctx.chunk_size = eps, chunk_size
+            if eager:
+                probs = z.sub_(lse[:, None]).exp_()  # softmax, in z's memory
+                _add_chunk_grads(probs, y, eps, h, weight, grad_rows[start:start + chunk_size], grad_weight)
+            else:
+                lse_parts.append(lse)
+        if eager:
+            ctx.save_for_backward(keep, grad_rows, grad_weight)
+        else:
+            lse = torch.cat(lse_parts) if lse_parts else total.new_zeros(0)  # (N_real,)
+            ctx.save_for_backward(hidden, weight, labels, keep, lse)
+        ctx.eps, ctx.chunk_size, ctx.eager, ctx.shape = eps, chunk_size, eager, hidden.shape
+        ctx.dtypes = hidden.dtype, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, labels, keep, lse = ctx.saved_tensors
-        eps, chunk_size, V = ctx.eps, ctx.chunk_size, weight.shape[0]
-        rows = hidden.index_select(0, keep)  # (N_real, D)
-        grad_rows = torch.empty_like(rows)
-        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
-        for start in range(0, rows.shape[0], chunk_size):
-            h, y = rows[start:start + chunk_size], labels[start:start + chunk_size]  # (n, D), (n,)
-            z = _chunk_logits(h, weight)  # (n, V), recomputed
-            dz = (z - lse[start:start + chunk_size, None]).exp_().sub_(eps / V)  # softmax - eps / V
-            dz.scatter_add_(1, y[:, None], dz.new_full((h.shape[0], 1), eps - 1.0))  # - (1 - eps) at y
-            dz = dz.mul_(grad_total).to(hidden.dtype)  # (n, V)
-            grad_rows[start:start + chunk_size] = dz @ weight  # (n, D)
-            grad_weight.addmm_(dz.T.to(grad_weight.dtype), h.to(grad_weight.dtype))  # (V, D)
-        grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None
+        if ctx.eager:
+            keep, grad_rows, grad_weight = ctx.saved_tensors
+        else:
+            keep, grad_rows, grad_weight = _recompute_grads(ctx)
+        hidden_dtype, weight_dtype = ctx.dtypes
+        # the upstream gradient scales the (N, D) and (V, D) results, not every (n, V) chunk
+        grad_hidden = (grad_rows.new_zeros(ctx.shape).index_copy_(0, keep, grad_rows * grad_total.to(hidden_dtype))
+                       if ctx.needs_input_grad[0] else None)
+        grad_weight = (grad_weight * grad_total).to(weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """Zeros like weight, accumulated in float32 at least (many chunks add into it)."""
+    return torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+
+
+def _recompute_grads(ctx):
+    """The backward pass of ``recompute=True``: each chunk's logits again, then its gradients."""
+    hidden, weight, labels, keep, lse = ctx.saved_tensors
+    rows = hidden.index_select(0, keep)  # (N_real, D)
+    grad_rows, grad_weight = torch.empty_like(rows), _grad_buffer(weight)
+    for start in range(0, rows.shape[0], ctx.chunk_size):
+        part = slice(start, start + ctx.chunk_size)
+        probs = _chunk_logits(rows[part], weight).sub_(lse[part, None]).exp_()  # softmax (n, V)
+        _add_chunk_grads(probs, labels[part], ctx.eps, rows[part], weight, grad_rows[part], grad_weight)
+    return keep, grad_rows, grad_weight

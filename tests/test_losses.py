@@ -220,13 +220,15 @@ def plain_projection_loss(hidden, weight, targets, *, pad_id, label_smoothing):
     return loss_sum / max(n_tokens, 1), n_tokens
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("chunk_size", [7, 10, 64])  # 7 does not divide the 30 real rows, 10 does; 64 > N
-def test_chunked_projection_ce_equals_plain_loss_and_gradients(dtype, tol, label_smoothing, chunk_size):
+def test_chunked_projection_ce_equals_plain_loss_and_gradients(dtype, tol, label_smoothing, chunk_size, recompute):
     hidden, weight, targets = projection_batch(40, 8, 23, dtype)
     loss, n = chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0,
-                                               label_smoothing=label_smoothing, chunk_size=chunk_size)
+                                               label_smoothing=label_smoothing, chunk_size=chunk_size,
+                                               recompute=recompute)
     grads = torch.autograd.grad(loss, (hidden, weight))
     ref, ref_n = plain_projection_loss(hidden, weight, targets, pad_id=0, label_smoothing=label_smoothing)
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
@@ -239,12 +241,13 @@ def test_chunked_projection_ce_equals_plain_loss_and_gradients(dtype, tol, label
     assert float(grads[0][targets == 0].abs().max()) == 0.0  # padding rows get no gradient
 
 
-def test_chunked_projection_ce_equals_sequence_loss_with_a_scaled_upstream_gradient():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_projection_ce_equals_sequence_loss_with_a_scaled_upstream_gradient(recompute):
     from qkv.tasks.translation import sequence_loss
 
     hidden, weight, targets = projection_batch(3 * 11, 6, 17, torch.float32, pad_every=5, seed=1)
     loss, n = chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.1,
-                                               chunk_size=4)
+                                               chunk_size=4, recompute=recompute)
     ref, ref_n = sequence_loss(F.linear(hidden, weight).view(3, 11, 17), targets.view(3, 11), pad_id=0,
                                label_smoothing=0.1)
     assert n == ref_n
@@ -255,22 +258,38 @@ def test_chunked_projection_ce_equals_sequence_loss_with_a_scaled_upstream_gradi
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_projection_ce_with_tied_weights_accumulates_both_uses():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_projection_ce_with_tied_weights_accumulates_both_uses(recompute):
     """A tied output projection (sec. 3.4) is also the embedding: its gradient sums both uses."""
     g = torch.Generator().manual_seed(2)
     table = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(1, 13, (9,), generator=g)
     targets = torch.randint(1, 13, (9,), generator=g)
     fused, _ = chunked_projection_cross_entropy(table[ids].tanh(), table, targets, ignore_index=0,
-                                                label_smoothing=0.1, chunk_size=2)
+                                                label_smoothing=0.1, chunk_size=2, recompute=recompute)
     plain, _ = plain_projection_loss(table[ids].tanh(), table, targets, pad_id=0, label_smoothing=0.1)
     torch.testing.assert_close(torch.autograd.grad(fused, table)[0], torch.autograd.grad(plain, table)[0])
 
 
-def test_chunked_projection_ce_all_padding_gives_zero_and_zero_gradients():
+def test_chunked_projection_ce_eager_gradients_only_when_wanted():
+    """recompute=False computes gradients in the forward pass only under grad mode; the loss is the same."""
+    hidden, weight, targets = projection_batch(20, 4, 9, torch.float64)
+    with torch.no_grad():
+        loss, _ = chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.1,
+                                                   recompute=False)
+    assert loss.grad_fn is None
+    ref, _ = chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.1)
+    assert float(loss) == pytest.approx(float(ref.detach()), abs=1e-12)
+    frozen, _ = chunked_projection_cross_entropy(hidden, weight.detach(), targets, ignore_index=0,
+                                                 label_smoothing=0.1, recompute=False)
+    torch.testing.assert_close(torch.autograd.grad(frozen, hidden)[0], torch.autograd.grad(ref, hidden)[0])
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_projection_ce_all_padding_gives_zero_and_zero_gradients(recompute):
     hidden, weight, _ = projection_batch(6, 4, 9, torch.float32)
     loss, n = chunked_projection_cross_entropy(hidden, weight, torch.zeros(6, dtype=torch.long), ignore_index=0,
-                                               label_smoothing=0.1)
+                                               label_smoothing=0.1, recompute=recompute)
     loss.backward()
     assert n == 0 and float(loss.detach()) == 0.0
     assert float(hidden.grad.abs().sum()) == 0.0 and float(weight.grad.abs().sum()) == 0.0
@@ -286,3 +305,16 @@ def test_chunked_projection_ce_rejects_bad_arguments():
         chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=1.5)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.0, chunk_size=0)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_projection_ce_in_bfloat16_matches_the_plain_path_to_its_rounding(recompute):
+    hidden, weight, targets = projection_batch(64, 16, 40, torch.bfloat16, seed=3)
+    loss, _ = chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.1,
+                                               chunk_size=24, recompute=recompute)
+    ref, _ = plain_projection_loss(hidden, weight, targets, pad_id=0, label_smoothing=0.1)
+    assert loss.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)  # the same bf16 logits, reduced in float32
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)
