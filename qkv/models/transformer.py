@@ -166,7 +166,7 @@ class Transformer(nn.Module):
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
         """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V).
 
-        ``record``: an AttentionRecord; weights land in record.weights["encoder" | "decoder" | "cross"][layer].
+        ``record``: an AttentionRecord; weights land in ``record.weights[kind][layer]``, kind "encoder", "decoder" or "cross".
         """
         memory, src_mask = self.encode(src, record=record)
         return self.decode(tgt, memory, src_mask, record=record)
