@@ -3,8 +3,9 @@
 Two like-for-like comparisons, same shapes, same synthetic token ids, fp32 on CPU:
 
     train   target tokens/s of one training step (forward, label-smoothed cross-entropy over non-pad
-            targets, backward, AdamW step). Ours: qkv.models.transformer.Transformer and
-            qkv.tasks.translation.sequence_loss. Baseline: TorchTransformer below, torch.nn.Transformer
+            targets, backward, AdamW step). Ours: qkv.models.transformer.Transformer and its
+            teacher_forcing_loss (what TranslationTask.loss runs on a bare model: the output projection
+            fused with the loss, chunked, on the non-pad targets only). Baseline: TorchTransformer below, torch.nn.Transformer
             (batch_first=True) between nn.Embedding + sinusoidal positions and a tied output Linear, called
             as its docs say, with the causal fast path (generate_square_subsequent_mask + tgt_is_causal=True,
             so the decoder's self-attention runs the is_causal kernel) and bool key-padding masks.
@@ -47,7 +48,7 @@ from torch import nn
 
 from qkv.data.batching import collate_pairs, collated_lengths, token_batches
 from qkv.decode import beam_search
-from qkv.models.transformer import Transformer, TransformerConfig
+from qkv.models.transformer import Transformer, TransformerConfig, teacher_forcing_loss
 from qkv.tasks.translation import sequence_loss
 
 PAD, BOS, EOS = 0, 1, 2
@@ -151,6 +152,14 @@ def check_same_function(ours: Transformer, theirs: TorchTransformer, batch: dict
     ours.train(), theirs.train()
 
 
+def check_same_loss(model: Transformer, batch: dict) -> None:
+    """Our fused loss and the plain one (logits, then cross-entropy) give one value (dropout off)."""
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(ours_loss(model, batch), logits_loss(model, batch), atol=1e-5, rtol=1e-5)
+    model.train()
+
+
 # -- training -------------------------------------------------------------------------------------
 
 def synthetic_batches(n_pairs: int, seed: int = 0) -> list[dict]:
@@ -165,14 +174,25 @@ def synthetic_batches(n_pairs: int, seed: int = 0) -> list[dict]:
     return [collate_pairs([pairs[i] for i in b], pad_id=PAD, bos_id=BOS, eos_id=EOS) for b in batches]
 
 
-def train_steps(model: nn.Module, batches: list[dict]):
+def logits_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """What a user writes: logits (B, T, V), then label-smoothed cross-entropy over non-pad targets."""
+    logits = model(batch["src"], batch["tgt_in"])  # (B, T, V)
+    return sequence_loss(logits, batch["tgt_out"], pad_id=PAD, label_smoothing=LABEL_SMOOTHING)[0]
+
+
+def ours_loss(model: Transformer, batch: dict) -> torch.Tensor:
+    """The same value as logits_loss, from the real targets' states through the fused chunked projection."""
+    return teacher_forcing_loss(model, batch["src"], batch["tgt_in"], batch["tgt_out"],
+                                label_smoothing=LABEL_SMOOTHING)[0]
+
+
+def train_steps(model: nn.Module, batches: list[dict], loss_fn=logits_loss):
     """A zero-argument callable: one training step on each of ``batches``, with this model's AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
 
     def run():
         for batch in batches:
-            logits = model(batch["src"], batch["tgt_in"])  # (B, T, V)
-            loss, _ = sequence_loss(logits, batch["tgt_out"], pad_id=PAD, label_smoothing=LABEL_SMOOTHING)
+            loss = loss_fn(model, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -186,9 +206,11 @@ def bench_train(name: str, shape: dict, n_batches: int, warmup: int, repeats: in
     models = {"ours": ours_model(shape).train(), "nn.Transformer": TorchTransformer(shape).train()}
     if shape["norm_first"]:
         check_same_function(models["ours"], models["nn.Transformer"], batches[0])
+    check_same_loss(models["ours"], batches[0])
     if stock:
         models["nn.Transformer (stock: + FFN-inner dropout)"] = TorchTransformer(shape, ffn_dropout=True).train()
-    seconds = time_fns(*(train_steps(m, batches) for m in models.values()), warmup=warmup, repeats=repeats)
+    steps = [train_steps(m, batches, ours_loss if name == "ours" else logits_loss) for name, m in models.items()]
+    seconds = time_fns(*steps, warmup=warmup, repeats=repeats)
     tokens = sum(int((b["tgt_out"] != PAD).sum()) for b in batches)
     padded = sum(b["tgt_out"].numel() for b in batches) / n_batches
     ours_s = seconds[0]
@@ -209,6 +231,8 @@ class SuppressEOS(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         self.model, self.cfg = model, model.cfg
+        self.pad_id, self.bos_id, self.eos_id = model.pad_id, model.bos_id, model.eos_id
+        self.max_source_len, self.max_target_len = model.max_source_len, model.max_target_len
 
     def encode(self, src, **kwargs):
         return self.model.encode(src, **kwargs)

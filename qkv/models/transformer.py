@@ -3,6 +3,11 @@
 The encoder maps source tokens (B, S) to memory (B, S, D) with self-attention; the decoder
 predicts target token t+1 from targets <= t with causal self-attention and cross-attention
 whose queries come from the decoder and whose keys and values come from the memory.
+
+Training speed: ``teacher_forcing_loss`` takes the decoder's final states (``features``) at the
+real target positions only and projects them onto the vocabulary chunk by chunk, fused with the
+label-smoothed cross-entropy (qkv.losses), so the (B, T, V) logits never exist; the encoder's
+token-wise layers skip source padding when a batch holds enough of it (qkv.unpad).
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from torch import nn
 
 from qkv.blocks import BlockConfig, DecoderBlock, EncoderBlock, layer_groups
 from qkv.layers import StackCache, dropout, make_norm
-from qkv.masks import check_token_ids, padding_mask
+from qkv.losses import chunked_projection_cross_entropy
+from qkv.masks import check_token_ids
 from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, position_scheme
 from qkv.record import AttentionRecord, layer_records
+from qkv.unpad import Unpadded, worth_unpadding
 
 
 @dataclass(frozen=True)
@@ -132,11 +139,24 @@ class Transformer(nn.Module):
         """src (B, S) token ids -> memory (B, S, D), src_mask (B, 1, 1, S).
 
         ``record``: an AttentionRecord; the asked encoder layers put their weights under "encoder".
+        When at least 10% of the source is padding (and nothing is recorded, nothing compiled),
+        the token-wise layers run on the N real tokens only (qkv.unpad) and memory is zeros at
+        padding; the padded keys are masked out of attention either way, so nothing downstream
+        of the real tokens changes.
         """
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
             _check_ids(src, self.cfg.src_vocab_size, "src", "(B, S)")
-        src_mask = padding_mask(src, self.cfg.pad_id)  # (B, 1, 1, S)
+        real = src != self.cfg.pad_id  # (B, S)
+        src_mask = real[:, None, None, :]  # (B, 1, 1, S)
         x = self._embed(self.src_embed, src)
+        recording = record is not None and record.wants("encoder", len(self.encoder))
+        if not compiling and not recording and worth_unpadding(real):
+            tokens = Unpadded.from_mask(real)
+            h = tokens.unpad(x)  # (N, D)
+            for layer in self.encoder:
+                h = layer(h, mask=src_mask, unpadded=tokens)
+            return tokens.pad(self.encoder_norm(h)), src_mask  # (B, S, D), zeros at padding
         for layer, slot in zip(self.encoder, layer_records(record, "encoder", len(self.encoder))):
             x = layer(x, mask=src_mask, record=slot)
         return self.encoder_norm(x), src_mask
@@ -145,6 +165,11 @@ class Transformer(nn.Module):
         """One (self-attention, cross-attention) cache pair per decoder layer."""
         return StackCache(len(self.decoder))
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (V, D) pre-softmax projection: logits = features W^T (the target embedding when tied, sec. 3.4)."""
+        return self.output.weight
+
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor, *,
                cache: StackCache | None = None, record: AttentionRecord | None = None) -> torch.Tensor:
         """tgt (B, T) ids (shifted right, starting with BOS) -> logits (B, T, V).
@@ -152,6 +177,11 @@ class Transformer(nn.Module):
         With ``cache`` only the new positions are passed; earlier keys/values are reused.
         ``record``: the asked decoder layers put their weights under "decoder" and "cross".
         """
+        return self.output(self._decoder_states(tgt, memory, src_mask, cache=cache, record=record))  # (B, T, V)
+
+    def _decoder_states(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor, *,
+                        cache: StackCache | None = None, record: AttentionRecord | None = None) -> torch.Tensor:
+        """tgt (B, T) -> the decoder stack's output after its final norm (B, T, D)."""
         if not torch.compiler.is_compiling():
             _check_ids(tgt, self.cfg.tgt_vocab_size, "tgt", "(B, T)")
         offset = cache.length if cache is not None else 0
@@ -161,16 +191,41 @@ class Transformer(nn.Module):
         for i, (layer, slot) in enumerate(zip(self.decoder, slots)):
             layer_cache = cache[i] if cache is not None else None
             x = layer(x, memory=memory, memory_mask=src_mask, cache=layer_cache, record=slot)
-        return self.output(self.decoder_norm(x))  # (B, T, V)
+        return self.decoder_norm(x)  # (B, T, D)
+
+    def features(self, src: torch.Tensor, tgt: torch.Tensor, *,
+                 record: AttentionRecord | None = None) -> torch.Tensor:
+        """Teacher forcing without the output projection: src (B, S), tgt (B, T) -> (B, T, D).
+
+        ``forward(src, tgt)`` is ``features(src, tgt) @ output_weight.T``; a loss that projects
+        only some positions (``teacher_forcing_loss``) starts from here.
+        """
+        memory, src_mask = self.encode(src, record=record)
+        return self._decoder_states(tgt, memory, src_mask, record=record)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
         """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V).
 
-        ``record``: an AttentionRecord; weights land in ``record.weights[kind][layer]``, kind "encoder", "decoder" or "cross".
+        ``record``: an AttentionRecord; weights land in record.weights["encoder" | "decoder" | "cross"][layer].
         """
-        memory, src_mask = self.encode(src, record=record)
-        return self.decode(tgt, memory, src_mask, record=record)
+        return self.output(self.features(src, tgt, record=record))  # (B, T, V)
 
+
+def teacher_forcing_loss(model: Transformer, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, *,
+                         label_smoothing: float, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Mean label-smoothed cross-entropy of ``model(src, tgt_in)`` against ``tgt_out`` over non-pad targets.
+
+    src (B, S), tgt_in (B, T) (BOS + y), tgt_out (B, T) (y + EOS) -> (loss, n_tokens), the value
+    and gradients of ``qkv.tasks.translation.sequence_loss(model(src, tgt_in), tgt_out, ...)``
+    (sec. 5.4, smoothing eps), computed as: h = features (B, T, D); the N rows at real targets
+    (N, D); logits h W^T chunk by chunk, fused with the loss (never (B, T, V), never padding).
+    Call it on the bare model: a DDP or FSDP2 wrapper syncs gradients through ``forward`` only.
+    """
+    hidden = model.features(src, tgt_in)  # (B, T, D)
+    real = tgt_out != model.pad_id  # (B, T)
+    rows = hidden[real]  # (N, D)
+    return chunked_projection_cross_entropy(rows, model.output_weight, tgt_out[real], ignore_index=model.pad_id,
+                                            label_smoothing=label_smoothing, chunk_size=chunk_size)
 
 def _check_ids(ids: torch.Tensor, vocab_size: int, name: str, shape: str) -> None:
     if ids.dim() != 2:
