@@ -1,13 +1,8 @@
 """Checkpoints that describe themselves and survive crashes.
 
-A run directory holds::
-
-    config.json                 the resolved config (task, data, model, train, decode)
-    <tokenizer files>           written by the task (e.g. src_tokenizer.json)
-    metrics.jsonl               one JSON object per logged step / evaluation
-    model.safetensors           the final (optionally averaged) weights
-    checkpoints/step_00001000/  model.safetensors, train_state.pt, meta.json
-    checkpoints/latest          the name of the newest complete checkpoint
+A run directory's layout and file names belong to :class:`qkv.rundir.RunDir`; here they are
+written: ``checkpoints/step_00001000/`` (model.safetensors, train_state.pt, meta.json) and
+``checkpoints/latest``, the name of the newest complete checkpoint.
 
 Every file is written to a temporary name, fsync'ed and renamed; a checkpoint folder is filled
 under a temporary name and renamed whole, then ``latest`` is switched. A crash at any moment
@@ -41,11 +36,8 @@ from qkv.fileio import (
     temp_dir_beside,
     write_error,
 )
+from qkv.rundir import CONFIG, META, STATE, WEIGHTS, RunDir, checkpoint_name  # noqa: F401 (CONFIG, ...: re-exported)
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-STATE = "train_state.pt"
-META = "meta.json"
 _STEP_NAME = re.compile(r"step_[0-9]+")
 
 
@@ -198,8 +190,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict[str,
                     train_state: dict[str, Any],
                     meta: dict[str, Any], *, keep: int, protect: set[str] = frozenset()) -> Path:
     """Write checkpoints/step_N whole, switch ``latest`` to it, and keep the newest ``keep``."""
-    root = Path(run_dir) / "checkpoints"
-    name = f"step_{step:08d}"
+    run = RunDir(run_dir)
+    root, name = run.checkpoints, checkpoint_name(step)
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir_beside(root / name)
@@ -221,9 +213,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
-        replace_bytes(root / "latest", name.encode())  # qkv's own file: a planted symlink is replaced, not followed
+        replace_bytes(run.latest, name.encode())  # qkv's own file: a planted symlink is replaced, not followed
     except OSError as err:  # the checkpoint is complete; latest_checkpoint() finds it without the pointer
-        raise CheckpointError(f"{final}: saved, but {root / 'latest'} could not be updated ({err})") from None
+        raise CheckpointError(f"{final}: saved, but {run.latest} could not be updated ({err})") from None
     _rotate(root, keep=keep, protect=set(protect) | {name})
     return final
 
@@ -253,7 +245,7 @@ def _remove(checkpoint: Path) -> None:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / META).exists())
@@ -265,8 +257,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     ``latest`` must hold a bare ``step_N`` name: anything else (a path, ``..``, a symlink to
     elsewhere) is ignored, so the pointer never leads outside ``checkpoints/``.
     """
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
+    run = RunDir(run_dir)
+    root, pointer = run.checkpoints, run.latest
     if pointer.is_file() and not pointer.is_symlink():
         try:
             name = pointer.read_text(encoding="utf-8").strip()
@@ -281,7 +273,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def cleanup_partial(run_dir: Path) -> None:
     """Remove temporary folders and files left by a save that was interrupted."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     if root.is_dir():
         for p in root.iterdir():
             if p.name.startswith("."):
@@ -294,7 +286,7 @@ def load_train_state(checkpoint: Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: training state not found") from None
     except pickle.UnpicklingError as err:  # weights_only refuses code and unknown classes: nothing ran
@@ -304,6 +296,46 @@ def load_train_state(checkpoint: Path) -> dict[str, Any]:
                               f"it was run{detail}") from None
     except Exception as err:  # a corrupt file must not crash
         raise CheckpointError(f"{path}: not a readable training state ({type(err).__name__}: {err})") from None
+    return _checked_state(state, path)
+
+
+STATE_KEYS = ("optimizer", "rng", "progress")
+
+
+def _checked_state(state: Any, path: Path) -> dict[str, Any]:
+    """The training state's shape: a dict with STATE_KEYS, the progress a dict with an int step."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training state (expected a dict, got {type(state).__name__})")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training state (no {missing[0]!r})")
+    progress = state["progress"]
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int) or progress["step"] < 0:
+        raise CheckpointError(f"{path}: not a training state ('progress' must be a dict with an int step >= 0)")
+    if not isinstance(state["optimizer"], dict):
+        raise CheckpointError(f"{path}: not a training state ('optimizer' must be a dict)")
+    return state
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """No NaN or Inf in any floating-point tensor."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def is_good(checkpoint: Path) -> bool:
+    """A checkpoint is good when it is complete and its weights read back finite."""
+    try:
+        return all_finite(read_weights(Path(checkpoint) / WEIGHTS))
+    except CheckpointError:
+        return False
+
+
+def good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest good checkpoint: ``latest`` if it is good, else the newest complete one with finite weights."""
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and is_good(latest):
+        return latest
+    return next((p for p in reversed(list_checkpoints(run_dir)) if p != latest and is_good(p)), None)
 
 
 def average_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
@@ -319,12 +351,21 @@ def average_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 def read_config(run_dir: Path) -> dict[str, Any]:
     """The resolved config of a run directory, with a clear error when it is not one."""
-    path = Path(run_dir) / CONFIG
+    path = RunDir(run_dir).config
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir}: run directory not found")
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a qkv run directory ({CONFIG} is missing)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path}: malformed config ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: malformed config (expected a JSON object, got {_json_kind(data)})")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    return {type(None): "null", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), "a number")

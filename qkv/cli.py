@@ -1,7 +1,11 @@
 """The command line: argument parsing only; every command calls a library module.
 
-Errors the user can fix (bad files, bad arguments, bad configs, NaN losses) print one line
-``qkv: error: ...`` and exit with status 2, without a traceback (``-v`` shows it).
+One handler (``main``) ends every failure in one line on stderr. Errors the user can fix (bad
+files, arguments, configs, run directories, NaN losses: qkv's error types, ValueError, OSError,
+argparse's) print ``qkv: error: ...`` and exit with status 2; anything else is a bug and prints
+``qkv: internal error: <type>: <message> (rerun with --debug for the traceback)``, status 1.
+``--debug`` (before or after the command) or ``QKV_DEBUG=1`` prints the traceback too; ``-v``
+turns on debug logging (and tracebacks). A closed pipe (``qkv classify RUN | head``) ends quietly.
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -41,22 +47,83 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _read_input(path: str | None) -> list[str]:
-    from qkv.data.text import read_lines
+class UsageError(ConfigError):
+    """A command line argparse refused (a missing argument, a flag's bad value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        where = "" if self.prog == "qkv" else f"{self.prog}: "
+        raise UsageError(f"{where}{message} (see {self.prog} --help)") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+def _input_items(path: str | None):
+    """(name:LINE, text) pairs of --input (a file, or stdin for None and "-"), read lazily."""
+    from qkv.tasks.inference import input_lines
 
     if path is None or path == "-":
-        data = sys.stdin.buffer.read()
-        from qkv.data.text import parse_lines
+        if sys.stdin is None:
+            raise DataError("<stdin>: standard input is closed; give --input FILE")
+        yield from input_lines(sys.stdin.buffer, name="<stdin>")
+        return
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a text file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+    with f:
+        yield from input_lines(f, name=str(path))
 
-        return parse_lines(data, name="<stdin>", allow_empty=True) if data else []
-    return read_lines(path, allow_empty=True)
+
+def _stream(path_in: str | None, path_out: str | None, predict) -> None:
+    """Read --input a chunk of lines at a time, predict, and write each chunk's output lines at once.
+
+    ``predict(names, texts) -> lines``. To stdout each chunk is written and flushed as it comes;
+    an --output file is written at the end through qkv.fileio (atomically for a regular file, so an
+    error half-way leaves it as it was)."""
+    from qkv.tasks.inference import chunked
+
+    direct = path_out is None or path_out == "-"
+    kept: list[str] = []
+    for chunk in chunked(_input_items(path_in)):
+        names, texts = [n for n, _ in chunk], [t for _, t in chunk]
+        text = "".join(line + "\n" for line in predict(names, texts))
+        if direct:
+            _stdout().write(text)
+            _stdout().flush()
+        else:
+            kept.append(text)
+    if not direct:
+        from qkv.fileio import atomic_write_bytes
+
+        atomic_write_bytes(Path(path_out), "".join(kept).encode("utf-8"))
+
+
+def _stdout():
+    if sys.stdout is None:
+        raise OSError("standard output is closed; give --output FILE")
+    return sys.stdout
 
 
 def _write_output(path: str | None, lines: list[str]) -> None:
     text = "".join(line + "\n" for line in lines)
     if path is None or path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _stdout().write(text)
+        _stdout().flush()
     else:
         from qkv.fileio import atomic_write_bytes
 
@@ -93,13 +160,17 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from qkv import distributed, run
 
+    if args.restart:
+        args.resume = True
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     # torchrun --max-restarts: a restarted worker continues the run its first attempt started
-    args.resume = args.resume or (distributed.restart_count() > 0 and (out / "config.json").exists())
+    restarted = distributed.restart_count() > 0
+    args.resume = args.resume or (restarted and run.RunDir(out).config.exists())
     if args.resume:
         cfg = run.read_run_config(out, args.set)
+        _check_resume_config(args.config, cfg)
     else:
         cfg = run.load_config(args.config, args.set)
     device = resolve_device(args.device or cfg.train.device)
@@ -109,9 +180,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     with distributed.launch(device) as (world, device):  # joins torchrun's process group, if any
         seed_everything(cfg.train.seed)
-        metrics = run.train_run(cfg, out, device=device, resume=args.resume, progress=not args.quiet, world=world)
+        metrics = run.train_run(cfg, out, device=device, resume=args.resume, restart=args.restart or restarted,
+                                progress=not args.quiet, world=world)
     if world.is_main:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
+
+
+def _check_resume_config(path: str, stored) -> None:
+    """--resume trains with the run's stored config.json; CONFIG must exist and be of the same task."""
+    from qkv.config import read_yaml
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found (with --resume the run's stored config.json is used, "
+                          "but CONFIG must still name an existing file)")
+    given = read_yaml(path)
+    task = given.get("task") if isinstance(given, dict) else None
+    if task != stored.task:
+        raise ConfigError(f"{path}: task {task!r}, but the run to resume is a {stored.task!r} run; with --resume "
+                          "the run's stored config.json is used (change values with --set)")
 
 
 def _cmd_cv(args: argparse.Namespace) -> None:
@@ -134,17 +220,12 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:
-    if args.beam is not None and args.beam < 1:
-        raise ConfigError(f"--beam must be >= 1, got {args.beam}")
     run = _load(args)
     run.require("translate")
-    lines = _read_input(args.input)
-    source = args.input if args.input not in (None, "-") else "<stdin>"
-    names = [f"{source}:{i + 1}" for i in range(len(lines))]
-    _write_output(args.output, run.translate(lines, beam=args.beam, names=names))
+    _stream(args.input, args.output, lambda names, texts: run.translate(texts, beam=args.beam, names=names))
 
 
-EVALUATE_OPTIONS = ("text", "data", "split", "src", "ref", "beam", "output", "ensemble", "tta")
+EVALUATE_OPTIONS = ("text", "data", "split", "src", "ref", "beam", "output", "ensemble", "tta", "confusion")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -183,8 +264,8 @@ def _cmd_classify(args: argparse.Namespace) -> None:
         labelled = run.classify(args.image, **options)
         _write_output(args.output, [f"{f}\t{label}\t{prob:.4f}" for f, (label, prob) in zip(args.image, labelled)])
         return
-    labelled = run.classify(_read_input(args.input), **options)
-    _write_output(args.output, [f"{label}\t{prob:.4f}" for label, prob in labelled])
+    _stream(args.input, args.output,
+            lambda names, texts: [f"{label}\t{prob:.4f}" for label, prob in run.classify(texts, **options)])
 
 
 def _cmd_attention(args: argparse.Namespace) -> None:
@@ -207,6 +288,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     import numpy as np
 
     from qkv.fileio import atomic_write_bytes
+    from qkv.tasks.inference import chunked
 
     if not args.output.endswith(".npy"):
         raise ConfigError(f"--output {args.output}: embeddings are written as a .npy file")
@@ -214,7 +296,11 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     run.require("embed")
     _check_inputs(run, args)
     options = {"batch_size": args.batch_size} if args.batch_size is not None else {}
-    vectors = run.embed(args.image if args.image else _read_input(args.input), **options)
+    if args.image:
+        vectors = run.embed(args.image, **options)
+    else:  # a chunk of lines at a time: only the (N, D) result grows
+        parts = [run.embed([t for _, t in chunk], **options) for chunk in chunked(_input_items(args.input))]
+        vectors = np.concatenate(parts) if parts else run.embed([], **options)
     buffer = io.BytesIO()
     np.save(buffer, vectors)
     atomic_write_bytes(Path(args.output), buffer.getvalue())
@@ -263,10 +349,22 @@ def _add_ensemble_arguments(p: argparse.ArgumentParser) -> None:
                         "decode.tta)")
 
 
+def _add_global_arguments(p: argparse.ArgumentParser, *, default) -> None:
+    """-v and --debug, before the command (``default`` False) or after it (SUPPRESS: keep the first's)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="debug logging (and tracebacks, as --debug)")
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="print the traceback of an error (also: QKV_DEBUG=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qkv", description="Attention and the Transformer, end to end.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="qkv", description="Attention and the Transformer, end to end.")
+    _add_global_arguments(parser, default=False)
+    common = _Parser(add_help=False)
+    _add_global_arguments(common, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda name, **kw: add_parser(name, parents=[common], **kw)  # every command takes -v, --debug
 
     p = sub.add_parser("demo", help="attention as retrieval, then train a small character GPT and sample it")
     p.add_argument("--out", default="runs/demo", help="folder for the run and pictures (default: runs/demo)")
@@ -276,11 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("config", help="YAML config (see configs/); with --resume the run's stored config.json is used "
+                                  "(change values with --set), and CONFIG must exist and be of the same task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=2000 (repeatable)")
-    p.add_argument("--out", help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--out", help="run directory (default: runs/<config name>): a new or empty folder, never one "
+                                 "qkv did not create")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest good checkpoint (refused when it has none)")
+    p.add_argument("--restart", action="store_true",
+                   help="with --resume (implied): when the run has no checkpoint to resume from, train it again "
+                        "from step 0 with its stored config instead of refusing")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's train.device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -307,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--input", help="source file, one sentence per line (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
-    p.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size; 1 = greedy)")
+    p.add_argument("--beam", type=positive_int, help="beam size (default: the run's decode.beam_size; 1 = greedy)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_translate)
 
@@ -320,8 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image runs: which recorded split to score (default: test)")
     p.add_argument("--src", help="translation: source file")
     p.add_argument("--ref", help="translation: reference file, aligned with --src")
-    p.add_argument("--beam", type=int)
+    p.add_argument("--beam", type=positive_int)
     p.add_argument("--output", help="also write the hypotheses here")
+    p.add_argument("--confusion", metavar="FILE",
+                   help="classifier runs: also write the confusion matrix here as JSON (it is always in the printed "
+                        "JSON; evaluate never writes into the run)")
     _add_ensemble_arguments(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_evaluate)
@@ -343,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", nargs="+", metavar="F",
                    help="image run: PNG/JPEG files to label instead; prints file<TAB>label<TAB>probability")
     p.add_argument("--output", help="default: stdout")
-    p.add_argument("--batch-size", type=int, help="inputs per batch (default: the run's decode.batch_size)")
+    p.add_argument("--batch-size", type=positive_int, help="inputs per batch (default: the run's decode.batch_size)")
     _add_ensemble_arguments(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_classify)
@@ -359,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, help="one head, drawn large (default: every head and their mean)")
     p.add_argument("--kind", choices=["encoder", "decoder", "cross"],
                    help="which attention (.png; default: cross-attention for translation, else the only one)")
-    p.add_argument("--max-tokens", type=int, default=96, help=".png: longer inputs are binned to this many cells")
+    p.add_argument("--max-tokens", type=positive_int, default=96,
+                   help=".png: longer inputs are binned to this many cells")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_attention)
 
@@ -373,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="one text per line (default: stdin)")
     p.add_argument("--image", nargs="+", metavar="F", help="image run: PNG/JPEG files to embed instead")
     p.add_argument("--output", required=True, help="F.npy: (lines, d_model) float32, unit length")
-    p.add_argument("--batch-size", type=int, help="inputs per batch (default: the run's decode.batch_size)")
+    p.add_argument("--batch-size", type=positive_int, help="inputs per batch (default: the run's decode.batch_size)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_embed)
 
@@ -401,24 +509,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (DataError, ConfigError, CheckpointError, TrainingError, ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    """Run one command; every exception ends in one line on stderr (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("QKV_DEBUG", "") not in ("", "0") or "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
+        debug = debug or args.debug or args.verbose
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                            stream=sys.stderr or open(os.devnull, "w"))
         args.func(args)
     except KeyboardInterrupt:
-        print("qkv: interrupted", file=sys.stderr)
+        _say("qkv: interrupted")
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, and keep Python's exit flush quiet
+        _silence_stdout()
         return 1
-    except (DataError, ConfigError, CheckpointError, TrainingError, ValueError, OSError) as err:
-        if args.verbose:
-            raise
-        message = " ".join(getattr(err, "cli_message", str(err)).split("\n"))  # an option named as its --flag
-        print(f"qkv: error: {message}", file=sys.stderr)
-        return 2
+    except SystemExit as done:  # --help, or a library calling sys.exit
+        return done.code if isinstance(done.code, int) else 0
+    except USER_ERRORS as err:
+        return _report(err, debug, "qkv: error: " + _one_line(getattr(err, "cli_message", str(err))), 2)
+    except Exception as err:  # a bug: say so briefly
+        detail = f"{type(err).__name__}: {_one_line(str(err))}"
+        return _report(err, debug, f"qkv: internal error: {detail} (rerun with --debug for the traceback)", 1)
     return 0
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split("\n"))  # an option named as its --flag stays as it is
+
+
+def _report(err: BaseException, debug: bool, line: str, code: int) -> int:
+    if debug and sys.stderr is not None:
+        traceback.print_exception(err, file=sys.stderr)
+    _say(line)
+    return code
+
+
+def _say(line: str) -> None:
+    """One line to stderr, if there is a stderr to write to."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -75,16 +75,16 @@ def _tasks_taking(*options: str) -> list[str]:
 def train_fold(config: str | Path, out: Path, folds: int, fold: int, overrides: list[str], *,
                threads: int | None, device: str | None) -> Path:
     """Train (or reuse, or resume) fold ``fold`` in a child process; returns its run directory."""
-    from qkv.checkpoint import WEIGHTS
+    from qkv.rundir import RunDir
 
     run_dir = out / f"fold_{fold}"
-    if (run_dir / WEIGHTS).exists():
+    if RunDir(run_dir).weights.exists():
         log.info("fold %d: reusing the finished run %s", fold, run_dir)
         return run_dir
     command = [sys.executable, "-m", "qkv", "train", str(config), "--out", str(run_dir), "--quiet"]
     for item in [*overrides, *fold_overrides(folds, fold)]:
         command += ["--set", item]
-    if (run_dir / "config.json").exists():
+    if RunDir(run_dir).config.exists():
         command.append("--resume")
     if threads is not None:
         command += ["--threads", str(threads)]

@@ -8,7 +8,6 @@ over the sample and the loss curves. About two minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 import logging
 from importlib import resources
 from pathlib import Path
@@ -61,11 +60,12 @@ def run(out_dir: str | Path, *, steps: int = 2000, seed: int = 0, progress: bool
     import shutil
 
     from qkv.generate import SamplingConfig, generate_ids
+    from qkv.rundir import RunDir, read_metrics
     from qkv.viz import plot_curves, plot_head, plot_heads
 
     out_dir = Path(out_dir)
     run_dir = out_dir / "run"
-    if (run_dir / "config.json").exists():
+    if RunDir(run_dir).is_run():
         shutil.rmtree(run_dir)  # the demo's own folder: a fresh run each time
     text_path, excerpt = text_source()
     cfg = from_mapping(demo_config(text_path, steps=steps, excerpt=excerpt), source="qkv demo")
@@ -89,7 +89,7 @@ def run(out_dir: str | Path, *, steps: int = 2000, seed: int = 0, progress: bool
     weights = attention[last][0][:, tail, tail]  # (H, 32, 32)
     grid = plot_heads(weights, labels[tail], labels[tail], out_dir / "attention_heads.png",
                       title=f"layer {last}: the {cfg.model.n_heads} heads attend differently")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records, _ = read_metrics(RunDir(run_dir).metrics)
     curve = plot_curves(records, out_dir / "loss_curve.png", title="character-level GPT on Shakespeare")
     return {"retrieval": retrieval_example(), "text": str(text_path), "excerpt": excerpt, "metrics": metrics,
             "sample": sample, "pictures": [head_picture, grid, curve], "run_dir": run_dir}

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 from qkv import checkpoint as ckpt
 from qkv.config import TrainConfig, apply_overrides, from_dict, read_yaml, to_dict, write_json
 from qkv.errors import CheckpointError, ConfigError
+from qkv.rundir import RunDir
 from qkv.tasks import TASKS, TaskSpec
 
 SECTIONS = ("task", "data", "model", "train", "decode")
@@ -58,18 +61,18 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def save_config(run_dir: Path, cfg: RunConfig) -> None:
-    write_json(Path(run_dir) / ckpt.CONFIG, to_dict(cfg))
+    write_json(RunDir(run_dir).config, to_dict(cfg))
 
 
 def read_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
     """The resolved config saved in a run directory (with optional overrides)."""
     data = ckpt.read_config(Path(run_dir))
-    return from_mapping(apply_overrides(data, list(overrides)), source=str(Path(run_dir) / ckpt.CONFIG))
+    return from_mapping(apply_overrides(data, list(overrides)), source=str(RunDir(run_dir).config))
 
 
 def weights_path(run_dir: Path) -> Path:
     """The final weights, or the newest checkpoint's while training is still going."""
-    final = Path(run_dir) / ckpt.WEIGHTS
+    final = RunDir(run_dir).weights
     if final.is_file():
         return final
     last = ckpt.latest_checkpoint(run_dir)
@@ -109,30 +112,56 @@ def load(run_dir: str | Path, *, device: torch.device | str = "cpu"):
 
 
 def train_run(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, resume: bool = False,
-              progress: bool = False, world=None) -> dict:
+              restart: bool = False, progress: bool = False, world=None) -> dict:
     """Read the data, build the model, train, and leave a complete run directory behind.
+
+    A new run needs a new or empty folder (or one qkv created: see qkv.rundir); the folder is
+    created with its marker, and its lock is held until training ends. ``resume`` continues the
+    run from its newest good checkpoint; the stored config, the overrides in ``cfg``, the
+    tokenizers and the checkpoint (weight shapes, training state, metrics.jsonl) are all checked
+    before anything is written. With no checkpoint to resume from, ``resume`` refuses unless
+    ``restart`` (train the run again from step 0).
 
     ``world`` (a qkv.distributed.World, under torchrun): rank 0 builds the tokenizers and writes
     the run directory; the other ranks then load them from it, as a resumed run would.
     """
     from qkv import distributed
-    from qkv.train import Trainer
 
     world = world or distributed.World()
-    run_dir = Path(run_dir)
-    if not resume and (run_dir / ckpt.CONFIG).exists():
-        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    if resume and not (run_dir / ckpt.CONFIG).exists():
-        raise CheckpointError(f"{run_dir}: nothing to resume (no {ckpt.CONFIG})")
+    run = RunDir(run_dir)
+    created = False
+    if resume and not run.config.exists():
+        raise CheckpointError(f"{run.path}: nothing to resume (no {ckpt.CONFIG})")
+    if not resume:
+        created = run.prepare_new()
     distributed.barrier()  # every rank has checked run_dir before rank 0 writes into it
+    try:
+        if world.is_main and not resume:
+            run.create()  # the marker first: from now on the folder is qkv's
+        with run.lock() if world.is_main else contextlib.nullcontext():
+            return _train_locked(cfg, run, device=device, resume=resume, restart=restart, progress=progress,
+                                 world=world)
+    except BaseException:
+        if created and world.is_main and not run.config.exists():  # nothing of a run was written: leave no folder
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+
+
+def _train_locked(cfg: RunConfig, run: RunDir, *, device, resume: bool, restart: bool, progress: bool, world):
+    from qkv import distributed
+    from qkv.train import Trainer, check_resume
+
+    model = None
     if world.is_main:
-        task = cfg.spec.make_task(cfg, run_dir, resume=resume)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run_dir, task.cfg)
+        task = cfg.spec.make_task(cfg, run.path, resume=resume)
+        if resume:  # everything is read and checked before the first byte is written
+            model = task.build_model()
+            check_resume(run, model, restart=restart)
+        save_config(run.path, task.cfg)
     distributed.barrier()
     if not world.is_main:
-        resolved = read_run_config(run_dir)
-        task = resolved.spec.make_task(resolved, run_dir, resume=True)
-    trainer = Trainer(task, task.cfg.train, run_dir, device=device, progress=progress, rank=world.rank,
-                      world_size=world.world_size)
-    return trainer.fit(resume=resume)
+        resolved = read_run_config(run.path)
+        task = resolved.spec.make_task(resolved, run.path, resume=True)
+    trainer = Trainer(task, task.cfg.train, run.path, device=device, model=model, progress=progress,
+                      rank=world.rank, world_size=world.world_size)
+    return trainer.fit(resume=resume, restart=restart)

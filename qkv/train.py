@@ -32,6 +32,7 @@ from qkv import checkpoint as ckpt
 from qkv import distributed, mfu
 from qkv.config import TrainConfig
 from qkv.errors import CheckpointError, ConfigError, TrainingError
+from qkv.rundir import RunDir, read_metrics
 from qkv.schedules import multiplier
 
 log = logging.getLogger(__name__)
@@ -226,19 +227,25 @@ class Trainer:
 
     def _bad_loss(self, value: float, skipped: int) -> int:
         step = self.state.step + 1
-        last = ckpt.latest_checkpoint(self.run_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         if self.cfg.on_nan == "skip" and skipped + 1 < self.cfg.max_skipped:
             log.warning("step %d: loss is %s; skipping this step (%d in a row)", step, value, skipped + 1)
             return skipped + 1
-        raise TrainingError(f"step {step}: the loss is {value}; training stopped and {kept}. "
+        raise TrainingError(f"step {step}: the loss is {value}; training stopped and {self._kept()}. "
                             "Try a lower train.lr, train.clip_grad_norm, or train.precision=fp32")
 
+    def _kept(self) -> str:
+        """Which checkpoint to go back to: the newest whose weights are finite."""
+        good = ckpt.good_checkpoint(self.run_dir)
+        return f"the last good checkpoint is {good}" if good else "no good checkpoint had been saved yet"
+
     # -- the loop --------------------------------------------------------------------------
-    def fit(self, *, resume: bool = False) -> dict[str, Any]:
-        """Train to ``max_steps`` (or early stop); returns the last evaluation's metrics."""
+    def fit(self, *, resume: bool = False, restart: bool = False) -> dict[str, Any]:
+        """Train to ``max_steps`` (or early stop); returns the last evaluation's metrics.
+
+        ``resume``: from the newest good checkpoint; with none, a CheckpointError unless ``restart``
+        (then from step 0)."""
         if resume:
-            self._resume()
+            self._resume(restart=restart)
         self._measure_flops()
         bar = tqdm(total=self.cfg.max_steps, initial=self.state.step, disable=not self.show_progress,
                    unit="step", dynamic_ncols=True)
@@ -333,7 +340,7 @@ class Trainer:
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(RunDir(self.run_dir).metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         writer = self._tensorboard()
         if writer is not None:
@@ -350,7 +357,7 @@ class Trainer:
             except ImportError:
                 self._writer = None
             else:
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._writer = SummaryWriter(str(RunDir(self.run_dir).tensorboard))
         return self._writer
 
     def save(self) -> Path | None:
@@ -359,11 +366,15 @@ class Trainer:
         weights = distributed.full_state_dict(self.model) if self.rank == 0 or sharded else {}
         optimizer = distributed.optimizer_state_dict(self.model, self.optimizer) if self.rank == 0 or sharded else {}
         rngs = distributed.gather_objects(ckpt.rng_state())  # each rank's generators, for exact resume
+        if distributed.broadcast_flag(self.rank == 0 and not ckpt.all_finite(weights), self.device):
+            raise TrainingError(f"step {s.step}: the weights are not finite (NaN or Inf), so no checkpoint was "
+                                f"saved; training stopped and {self._kept()}. Try a lower train.lr, "
+                                "train.clip_grad_norm, or train.precision=fp32")
         path = None
         if self.rank == 0:
             progress = {**{k: v for k, v in vars(s).items() if k != "history"}, "world_size": self.world_size}
             train_state = {"optimizer": optimizer, "rng": rngs[0], "rng_ranks": rngs, "progress": progress}
-            protect = {f"step_{s.best_step:08d}"} if s.best_step is not None else set()
+            protect = {ckpt.checkpoint_name(s.best_step)} if s.best_step is not None else set()
             meta = {"epoch": s.epoch, "tokens": s.tokens, "best": s.best, "best_step": s.best_step,
                     "world_size": self.world_size}
             path = ckpt.save_checkpoint(self.run_dir, s.step, weights, train_state, meta,
@@ -371,13 +382,13 @@ class Trainer:
         distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete
         return path
 
-    def _resume(self) -> None:
+    def _resume(self, *, restart: bool) -> None:
         if self.rank == 0:
             ckpt.cleanup_partial(self.run_dir)
         distributed.barrier()
-        last = ckpt.latest_checkpoint(self.run_dir)
-        if last is None:  # stopped (or restarted by torchrun) before the first checkpoint: nothing is lost
-            log.warning("%s: no complete checkpoint to resume from; training from step 0", self.run_dir)
+        last = resume_point(RunDir(self.run_dir), restart=restart)
+        if last is None:  # asked to start over (or restarted by torchrun before the first checkpoint)
+            log.warning("%s: no good checkpoint to resume from; training from step 0", self.run_dir)
             self._truncate_metrics(0)
             return
         self._load_weights(last / ckpt.WEIGHTS)
@@ -415,13 +426,14 @@ class Trainer:
         distributed.load_full_state_dict(self.model, tensors)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.rank != 0 or not path.exists():
+        """Drop log lines written after the checkpoint we resume from (they will be written again), and a
+        last line a kill left half-written."""
+        run = RunDir(self.run_dir)
+        if self.rank != 0 or not run.metrics.exists():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        ckpt.atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+        records, _ = read_metrics(run.metrics)
+        kept = [json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step]
+        ckpt.atomic_write_bytes(run.metrics, "".join(kept).encode())
 
     def _export(self) -> None:
         """run_dir/model.safetensors: the average of the last k checkpoints, or the best, or the last."""
@@ -435,11 +447,40 @@ class Trainer:
             distributed.load_full_state_dict(self.model, ckpt.average_weights(chosen))
             log.info("final model: average of %s", ", ".join(p.name for p in chosen))
         elif self.cfg.patience > 0 and self.state.best_step is not None:
-            best = self.run_dir / "checkpoints" / f"step_{self.state.best_step:08d}"
+            best = RunDir(self.run_dir).checkpoint(self.state.best_step)
             if best.exists():
                 self._load_weights(best / ckpt.WEIGHTS)
                 log.info("final model: best checkpoint %s", best.name)
         weights = distributed.full_state_dict(self.model)  # collective under FSDP
         if self.rank == 0:
-            ckpt.save_weights(weights, self.run_dir / ckpt.WEIGHTS)
+            ckpt.save_weights(weights, RunDir(self.run_dir).weights)
         distributed.barrier()
+
+
+# -- resuming: which checkpoint, checked before anything is written ---------------------------------
+def resume_point(run: RunDir, *, restart: bool) -> Path | None:
+    """The newest good checkpoint (finite weights) to resume from; None to train from step 0.
+
+    With no good checkpoint, a CheckpointError unless ``restart``: a finished run whose
+    checkpoints/ was deleted is not silently retrained over its final model."""
+    latest, good = ckpt.latest_checkpoint(run.path), ckpt.good_checkpoint(run.path)
+    if good is not None and good != latest:
+        log.warning("%s: its weights are not finite (NaN or Inf); resuming from %s", latest, good)
+    if good is not None or restart:
+        return good
+    what = "its checkpoints hold no finite weights" if latest else f"{run.checkpoints} holds no complete checkpoint"
+    finished = f" (its final {run.weights.name} would be trained over)" if run.weights.exists() else ""
+    raise CheckpointError(f"{run.path}: nothing to resume from: {what}{finished}; pass --restart as well to train "
+                          "it again from step 0 with its stored config")
+
+
+def check_resume(run: RunDir, model: nn.Module, *, restart: bool) -> Path | None:
+    """Read and check what a resume will use, writing nothing: the checkpoint's weights against
+    ``model`` (names and shapes), its training state, and metrics.jsonl. Returns the checkpoint."""
+    last = resume_point(run, restart=restart)
+    if last is not None:
+        ckpt.load_weights(model, last / ckpt.WEIGHTS)
+        ckpt.load_train_state(last)
+    if run.metrics.exists():
+        read_metrics(run.metrics)
+    return last

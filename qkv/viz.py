@@ -207,22 +207,13 @@ def plot_training(records: Sequence[dict], path: str | os.PathLike, *, title: st
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """``qkv plot``: the training curves of a run directory from its metrics.jsonl (default out: curves.png there)."""
-    import json
-
     from qkv.errors import DataError
+    from qkv.rundir import METRICS, RunDir, read_metrics
 
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if not metrics.is_file():
-        raise DataError(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
-    records = []
-    for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a run still writing may leave its last line unfinished
-            if n < len(metrics.read_text(encoding="utf-8").splitlines()):
-                raise DataError(f"{metrics}:{n}: not a JSON line") from None
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
+        raise DataError(f"{run_dir}: no {METRICS} (is it a run directory?)")
+    records, _ = read_metrics(run.metrics)  # a run still writing may leave its last line unfinished
     if not any("step" in r for r in records):
-        raise DataError(f"{metrics}: no records with a step to draw")
-    return plot_training(records, out or Path(run_dir) / "curves.png", title=str(run_dir))
+        raise DataError(f"{run.metrics}: no records with a step to draw")
+    return plot_training(records, out or run.curves, title=str(run_dir))

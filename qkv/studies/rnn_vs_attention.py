@@ -15,7 +15,6 @@ Four measurements, each a section of the report and a PNG:
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -156,10 +155,10 @@ def bleu_by_bucket(hyps: list[str], refs: list[str], srcs: list[str]) -> dict[st
 
 def train_multi30k(preset: str, run_dir: Path, *, data_dir: str, s: Settings) -> Path:
     """Train ``configs/{preset}.yaml`` for ``s.multi30k_steps`` steps with the engine (resumes a finished run as is)."""
-    from qkv import checkpoint as ckpt
     from qkv.run import load_config, train_run
+    from qkv.rundir import RunDir
 
-    if (run_dir / ckpt.WEIGHTS).is_file():
+    if RunDir(run_dir).weights.is_file():
         log.info("%s: already trained, reusing it", run_dir)
         return run_dir
     steps = s.multi30k_steps
@@ -199,10 +198,12 @@ def evaluate_run(run_dir: Path, *, data_dir: str, n: int) -> dict:
 
 
 def _trained_steps(run_dir: Path) -> int | None:
-    path = Path(run_dir) / "metrics.jsonl"
+    from qkv.rundir import RunDir, read_metrics
+
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return None
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r.get("step", 0) for r in read_metrics(path)[0]]
     return max(steps, default=None)
 
 

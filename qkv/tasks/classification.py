@@ -3,8 +3,8 @@
 Two tasks read the same labelled text (qkv.data.classification) and share one encoder setup:
 
 * ``classification``: ``SequenceClassifier`` (BERT, sec. 4.1), cross-entropy with label
-  smoothing; evaluation: loss, accuracy, macro-F1, and the confusion matrix written to
-  ``confusion.json`` in the run directory.
+  smoothing; evaluation: loss, accuracy, macro-F1, and the confusion matrix (written to
+  ``confusion.json`` in the run directory while training; ``qkv evaluate`` writes into no run).
 * ``embedding``: ``SentenceEncoder`` (pooled, unit-length; Sentence-BERT) trained with a loss of
   qkv.losses chosen by ``data.loss``; evaluation: the loss, leave-one-out nearest-neighbour
   accuracy and ``separation``, the ROC AUC of cosine similarity for same-label versus
@@ -54,6 +54,7 @@ from qkv.data.wordpiece import WordPieceTokenizer
 from qkv.errors import CheckpointError, ConfigError
 from qkv.metrics import confusion_matrix, confusion_scores, fixed_order, nn_accuracy, separation
 from qkv.models.encoder_only import EncoderOnly, EncoderOnlyConfig, SentenceEncoder, SequenceClassifier
+from qkv.rundir import RunDir
 from qkv.tasks import TaskSpec, register
 
 log = logging.getLogger(__name__)
@@ -170,12 +171,20 @@ def with_classes(model: EncoderOnlyConfig, n_classes: int) -> EncoderOnlyConfig:
 
 def load_artifacts(cfg, run_dir: str | Path) -> TextArtifacts:
     """The run's tokenizer (tokenizer.json, truncating at data.max_len) and label names (labels.json)."""
-    path = Path(run_dir) / TOKENIZER
+    from qkv.tasks.inference import check_vocabulary
+
+    run = RunDir(run_dir)
+    path = run.file(TOKENIZER)
     if cfg.data.tokenizer == "pretrained":
         tokenizer = WordPieceTokenizer.load(path, max_length=cfg.data.max_len)
     else:
         tokenizer = BpeSentenceTokenizer(TextTokenizer.load(path), max_length=cfg.data.max_len)
-    return TextArtifacts(tokenizer, load_labels(Path(run_dir) / LABELS))
+    check_vocabulary(path, tokenizer.vocab_size, cfg.model.vocab_size, key="model.vocab_size")
+    names = load_labels(run.file(LABELS))
+    if cfg.task == "classification" and len(names) != cfg.model.n_classes:
+        raise CheckpointError(f"{run.file(LABELS)}: {len(names)} labels, but the model has model.n_classes="
+                              f"{cfg.model.n_classes} outputs; the file was changed or belongs to another run")
+    return TextArtifacts(tokenizer, names)
 
 
 def build_model(cfg) -> SequenceClassifier | SentenceEncoder:
@@ -190,7 +199,7 @@ class LabelledData:
     def __init__(self, cfg, run_dir: Path, *, resume: bool):
         data, run_dir = cfg.data, Path(run_dir)
         columns = dict(label_column=data.label_column, text_column=data.text_column, header=data.header)
-        names = load_labels(run_dir / LABELS) if resume else None
+        names = load_labels(RunDir(run_dir).file(LABELS)) if resume else None
         self.train = read_labelled(data.train, **columns, label_names=names)
         self.valid = read_labelled(data.valid, **columns, label_names=self.train.label_names)
         n_classes = len(self.train.label_names) if cfg.task == "classification" else 0
@@ -200,8 +209,8 @@ class LabelledData:
         else:
             artifacts, model = self._build(cfg)
             run_dir.mkdir(parents=True, exist_ok=True)
-            artifacts.tokenizer.save(run_dir / TOKENIZER)
-            save_labels(run_dir / LABELS, artifacts.label_names)
+            artifacts.tokenizer.save(RunDir(run_dir).file(TOKENIZER))
+            save_labels(RunDir(run_dir).file(LABELS), artifacts.label_names)
         self.artifacts, self.cfg = artifacts, replace(cfg, model=with_classes(model, n_classes))
         if data.max_len > self.cfg.model.max_len:
             raise ConfigError(f"data.max_len={data.max_len} exceeds the model's position table "
@@ -292,7 +301,7 @@ class ClassificationTask:
     def evaluate(self, model) -> dict[str, float]:
         d = self.data
         return score_classifier(model, d.valid_ids, d.valid.labels, d.artifacts.label_names, self.cfg,
-                                confusion_path=self.run_dir / CONFUSION)
+                                confusion_path=RunDir(self.run_dir).file(CONFUSION))
 
 
 class EmbeddingTask:
@@ -337,12 +346,18 @@ def write_confusion(path: str | Path, confusion: torch.Tensor, label_names: list
 
 def score_classifier(model, ids, labels, label_names, cfg, *, confusion_path=None) -> dict[str, float]:
     """Loss, accuracy and macro-F1 of pre-encoded texts; the confusion matrix goes to ``confusion_path``."""
+    metrics, confusion = classifier_scores(model, ids, labels, label_names, cfg)
+    if confusion_path is not None:
+        write_confusion(confusion_path, confusion, label_names)
+    return metrics
+
+
+def classifier_scores(model, ids, labels, label_names, cfg) -> tuple[dict[str, float], torch.Tensor]:
+    """(loss, accuracy and macro-F1; the confusion matrix (C, C), rows gold) of pre-encoded texts."""
     logits = forward_all(model, ids, batch_size=cfg.data.eval_batch_size, pad_id=cfg.model.pad_id)  # (N, C)
     gold = torch.tensor(labels, device=logits.device)
     confusion = confusion_matrix(gold, logits.argmax(1), len(label_names)).cpu()
-    if confusion_path is not None:
-        write_confusion(confusion_path, confusion, label_names)
-    return {"loss": float(F.cross_entropy(logits, gold)), **confusion_scores(confusion)}
+    return {"loss": float(F.cross_entropy(logits, gold)), **confusion_scores(confusion)}, confusion
 
 
 def score_embedder(model, ids, labels, cfg) -> dict[str, float]:
@@ -389,10 +404,12 @@ def embed_texts(model, artifacts: TextArtifacts, texts: list[str], *, batch_size
     return out.cpu().numpy().astype(np.float32)
 
 
-def evaluate_file(cfg, model, artifacts: TextArtifacts, path: str | Path, run_dir: str | Path | None = None) -> dict:
+def evaluate_file(cfg, model, artifacts: TextArtifacts, path: str | Path, run_dir: str | Path | None = None, *,
+                  confusion: str | Path | None = None) -> dict:
     """The task's evaluation metrics on a labelled file (columns as in cfg.data, labels from the run).
 
-    For a classification run with ``run_dir``, the confusion matrix is written to run_dir/confusion.json.
+    A classification run's result carries ``labels`` and its ``confusion`` matrix (rows gold); the
+    matrix is also written to ``confusion`` (a file), or, given ``run_dir``, to run_dir/confusion.json.
     """
     data = cfg.data
     texts = read_labelled(path, label_column=data.label_column, text_column=data.text_column, header=data.header,
@@ -401,8 +418,11 @@ def evaluate_file(cfg, model, artifacts: TextArtifacts, path: str | Path, run_di
     with torch.no_grad():
         model.eval()
         if cfg.task == "classification":
-            target = Path(run_dir) / CONFUSION if run_dir is not None else None
-            metrics = score_classifier(model, ids, texts.labels, artifacts.label_names, cfg, confusion_path=target)
+            metrics, matrix = classifier_scores(model, ids, texts.labels, artifacts.label_names, cfg)
+            target = confusion if confusion is not None else RunDir(run_dir).file(CONFUSION) if run_dir else None
+            if target is not None:
+                write_confusion(target, matrix, artifacts.label_names)
+            metrics = {**metrics, "labels": list(artifacts.label_names), "confusion": matrix.tolist()}
         else:
             if len(texts) < 2:
                 raise ConfigError(f"{path}: evaluating embeddings needs at least 2 texts")

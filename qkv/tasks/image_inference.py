@@ -28,10 +28,10 @@ import torch
 
 from qkv.data.images import ImageSet, load_images, normalize, shift_views
 from qkv.errors import CheckpointError, ConfigError, DataError
+from qkv.rundir import RunDir
 from qkv.tasks.classification import write_confusion
 from qkv.tasks.inference import LoadedRun, as_list, flagged
 from qkv.tasks.vision import (
-    CONFUSION,
     SPLIT,
     ImageArtifacts,
     ImageClassificationTask,
@@ -131,12 +131,13 @@ def classify_images(cfg, model, artifacts: ImageArtifacts, paths: list[str], *, 
 
 
 def evaluate_run(cfg, model, artifacts: ImageArtifacts, run_dir: str | Path, *, data: str | None = None,
-                 split: str = "test", tta: bool | None = None, ensemble: list[Member] = ()) -> dict:
+                 split: str = "test", tta: bool | None = None, ensemble: list[Member] = (),
+                 confusion: str | Path | None = None) -> dict:
     """Metrics on the run's recorded ``split`` ("test" or "valid"; or on ``data``: an .npz or a class
     folder with the run's labels).
 
-    A classification run also writes the confusion matrix to run_dir/confusion.json (not for an
-    ensemble: that matrix belongs to no one run). ``tta`` (default: the run's decode.tta) and
+    A classification run's result carries the confusion matrix (rows gold), also written to
+    ``confusion`` (a file) when given; nothing is written into the run. ``tta`` (default: the run's decode.tta) and
     ``ensemble`` (the other runs' Members, checked to share the classes and, for a recorded split,
     its images) average class probabilities (qkv.tasks.image_ensemble).
     """
@@ -154,12 +155,12 @@ def evaluate_run(cfg, model, artifacts: ImageArtifacts, run_dir: str | Path, *, 
     members = _members(cfg, model, artifacts, run_dir, ensemble, split=split if data is None else None)
     log_probs = class_log_probs(members, part.images, batch_size=cfg.data.eval_batch_size, tta=tta)
     metrics = score_log_probs(log_probs, part.labels, len(artifacts.label_names))
-    confusion = metrics.pop("confusion_matrix")
-    if len(members) == 1:
-        write_confusion(run_dir / CONFUSION, confusion, artifacts.label_names)
+    matrix, confusion_path = metrics.pop("confusion_matrix"), confusion
+    if confusion_path is not None:
+        write_confusion(confusion_path, matrix, artifacts.label_names)
     extra = {"members": [str(m.run_dir) for m in members]} if len(members) > 1 else {}
     return {"data": where, "examples": len(part), "tta": tta, **extra, **metrics,
-            "labels": artifacts.label_names, "confusion": confusion.tolist()}
+            "labels": artifacts.label_names, "confusion": matrix.tolist()}
 
 
 def _images_to_score(cfg, artifacts: ImageArtifacts, run_dir: Path, *, data: str | None, split: str):
@@ -170,8 +171,8 @@ def _images_to_score(cfg, artifacts: ImageArtifacts, run_dir: Path, *, data: str
         recorded = read_split(run_dir)
         part = load_split_images(cfg, recorded)[split]
         if not len(part):
-            raise ConfigError(f"{run_dir / SPLIT}: the {split} split is empty; pass --data FILE")
-        return part, f"{recorded['source']} ({split} split of {run_dir / SPLIT})"
+            raise ConfigError(f"{RunDir(run_dir).file(SPLIT)}: the {split} split is empty; pass --data FILE")
+        return part, f"{recorded['source']} ({split} split of {RunDir(run_dir).file(SPLIT)})"
     m = cfg.model
     part = load_images(data, size=m.image_size, channels=m.channels, resize=cfg.data.resize)
     unknown = sorted(set(part.label_names) - set(artifacts.label_names))
@@ -201,14 +202,14 @@ class _ImageRun(LoadedRun):
             out = forward_all(embedder, images, batch_size=batch_size or self.cfg.decode.batch_size)  # (N, D)
         return out.cpu().numpy().astype(np.float32)
 
-    def _evaluate(self, *, data=None, split=None, tta=None, ensemble=None) -> dict:
+    def _evaluate(self, *, data=None, split=None, tta=None, ensemble=None, confusion=None) -> dict:
         """Metrics on the run's recorded ``split`` ("test" by default, or "valid"), or on ``data`` (an .npz
         or a folder of class subfolders); see ``evaluate_run``."""
         if split and data:
             message = "{0}split and {0}data exclude each other: {0}split picks one of the run's recorded splits"
             raise flagged(ConfigError(message.format("")), message.format("--"))
         return evaluate_run(self.cfg, self.model, self.artifacts, self.run_dir, data=data, split=split or "test",
-                            tta=tta, ensemble=self.members(ensemble or ()))
+                            tta=tta, ensemble=self.members(ensemble or ()), confusion=confusion)
 
     def members(self, ensemble) -> list[Member]:
         """More image classification runs to vote with: run directories or loaded ImageClassifierRuns."""
@@ -253,7 +254,7 @@ class ImageClassifierRun(_ImageRun):
     kind = "image-classification"
     primary_metric = ImageClassificationTask.primary_metric
     predicts = ("classify", "embed")
-    evaluate_options = ("data", "split", "tta", "ensemble")
+    evaluate_options = ("data", "split", "tta", "ensemble", "confusion")
 
     def classify(self, paths, *, tta: bool | None = None, ensemble=(), batch_size: int | None = None,
                  **options) -> list[tuple[str, float]]:

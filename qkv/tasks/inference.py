@@ -17,15 +17,22 @@ The CLI, ``qkv cv`` and the attention pictures use only this interface, so they 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import torch
 
-from qkv.errors import ConfigError
+from qkv.errors import ConfigError, DataError
 
 PREDICTS = ("translate", "generate", "classify", "embed")
+#: The longest input line (characters) that predict reads from a file or stdin; a longer one is
+#: refused naming FILE:LINE before it is tokenized (a 100k-character line to translate would
+#: otherwise run for minutes). Training data has its own limit, ``data.max_chars``.
+MAX_INPUT_CHARS = 100_000
+#: Input lines read, predicted and written at a time: memory stays bounded whatever the input's size.
+CHUNK_LINES = 256
 
 
 class OptionError(ConfigError):
@@ -143,3 +150,40 @@ def as_list(items, *, name: str) -> list:
         return list(items)
     except TypeError:
         raise ValueError(f"{name} must be a string or a list of them, got {type(items).__name__}") from None
+
+
+def input_lines(stream: IO[bytes], *, name: str, max_chars: int = MAX_INPUT_CHARS) -> Iterator[tuple[str, str]]:
+    """(``name:LINE``, text) for each line of a binary stream, read one line at a time.
+
+    The checks of ``qkv.data.text.read_lines`` (UTF-8, NUL bytes, characters other tools end lines
+    at) with ``max_chars`` as the line limit; empty lines are kept (they predict as empty). An empty
+    stream gives no lines. Only one line (at most ~4 x ``max_chars`` bytes) is held at a time.
+    """
+    from qkv.data.text import _lines
+
+    peek = getattr(stream, "peek", None)
+    if peek is not None and not peek(1):
+        return
+    try:
+        for lineno, text in enumerate(_lines(stream, name=name, max_chars=max_chars, allow_empty=True), start=1):
+            yield f"{name}:{lineno}", text
+    except DataError as err:
+        if peek is None and str(err) == f"{name}: file is empty":
+            return
+        raise
+
+
+def check_vocabulary(path: str | Path, tokenizer_size: int, model_size: int, *, key: str) -> None:
+    """A tokenizer file must fit the model it was saved with: found at load, before any output."""
+    if tokenizer_size != model_size:
+        raise DataError(f"{path}: the tokenizer has {tokenizer_size} tokens, but the model's {key} is {model_size}; "
+                        "the run's tokenizer file was replaced or belongs to another run")
+
+
+def chunked(items: Iterable, size: int = CHUNK_LINES) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last may be shorter), pulled lazily from ``items``."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

@@ -20,6 +20,7 @@ from qkv.data.tokenizer import CharTokenizer, load_tokenizer, train_bpe
 from qkv.errors import ConfigError, DataError
 from qkv.generate import SamplingConfig
 from qkv.models.decoder_only import DecoderOnly, DecoderOnlyConfig
+from qkv.rundir import RunDir
 from qkv.tasks import TaskSpec, register
 from qkv.tasks.inference import LoadedRun, as_list, flagged
 
@@ -63,11 +64,11 @@ class LMTask:
         text = read_texts(data.train)
         valid_text = read_text(data.valid) if data.valid else None
         if resume:
-            self.tokenizer = load_tokenizer(Path(run_dir) / TOKENIZER)
+            self.tokenizer = load_tokenizer(RunDir(run_dir).file(TOKENIZER))
         else:
             self.tokenizer = build_tokenizer(data, text, valid_text)
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save(Path(run_dir) / TOKENIZER)
+            self.tokenizer.save(RunDir(run_dir).file(TOKENIZER))
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         if valid_text is None:
             self.train_ids, self.valid_ids = split_ids(ids, data.val_fraction)
@@ -220,6 +221,16 @@ class LanguageModelRun(LoadedRun):
                             notes=notes)
 
 
+def load_artifacts(cfg, run_dir):
+    """The run's tokenizer, which must fit the model's vocabulary (found at load, before any output)."""
+    from qkv.tasks.inference import check_vocabulary
+
+    path = RunDir(run_dir).file(TOKENIZER)
+    tokenizer = load_tokenizer(path)
+    check_vocabulary(path, tokenizer.vocab_size, cfg.model.vocab_size, key="model.vocab_size")
+    return tokenizer
+
+
 register(TaskSpec(
     name="lm",
     data_config=LMData,
@@ -227,6 +238,6 @@ register(TaskSpec(
     decode_config=SamplingConfig,  # the decode: section holds qkv generate's defaults
     make_task=LMTask,
     build_model=lambda cfg: DecoderOnly(cfg.model),
-    load_artifacts=lambda cfg, run_dir: load_tokenizer(Path(run_dir) / TOKENIZER),
+    load_artifacts=lambda cfg, run_dir: load_artifacts(cfg, run_dir),
     inference=LanguageModelRun,
 ))

@@ -39,12 +39,14 @@ class _TextRun(LoadedRun):
         return embed_texts(self.model, self.artifacts, as_list(texts, name="texts"),
                            batch_size=self._batch_size(batch_size))
 
-    def _evaluate(self, *, data=None) -> dict:
-        """The task's metrics on a labelled TSV/CSV file (columns as in the run's data section)."""
+    def _evaluate(self, *, data=None, confusion=None) -> dict:
+        """The task's metrics on a labelled TSV/CSV file (columns as in the run's data section); a
+        classifier's carry the confusion matrix, also written to ``confusion`` (a file) if given.
+        Nothing is written into the run."""
         if not data:
             raise ConfigError(f"{self.run_dir} is {self.a_kind} run: evaluate needs a labelled file "
                               "(--data FILE, TSV/CSV with labels)")
-        return evaluate_file(self.cfg, self.model, self.artifacts, data, run_dir=self.run_dir)
+        return evaluate_file(self.cfg, self.model, self.artifacts, data, confusion=confusion)
 
     def _attention(self, text: str, layers):
         from qkv.attention_maps import AttentionSet, groups_of, token_labels
@@ -70,6 +72,7 @@ class TextClassifierRun(_TextRun):
     kind = "text-classification"
     primary_metric = ClassificationTask.primary_metric
     predicts = ("classify", "embed")
+    evaluate_options = ("data", "confusion")
 
     def classify(self, texts, *, batch_size: int | None = None, **options) -> list[tuple[str, float]]:
         """(label, probability) of the most probable class of each text, in order."""

@@ -19,6 +19,7 @@ from qkv.data.parallel import ParallelCorpus, read_parallel, read_parallel_tsv
 from qkv.data.tokenizer import TextTokenizer, train_translation_tokenizers
 from qkv.errors import ConfigError, DataError
 from qkv.models.transformer import Transformer, TransformerConfig
+from qkv.rundir import RunDir
 from qkv.tasks import TaskSpec, register
 from qkv.tasks.inference import LoadedRun, as_list
 
@@ -120,8 +121,16 @@ def model_config(cfg, src_tok: TextTokenizer, tgt_tok: TextTokenizer) -> Transfo
     return replace(cfg.model, **filled)
 
 
-def load_tokenizers(run_dir: Path) -> tuple[TextTokenizer, TextTokenizer]:
-    return TextTokenizer.load(Path(run_dir) / SRC_TOKENIZER), TextTokenizer.load(Path(run_dir) / TGT_TOKENIZER)
+def load_tokenizers(run_dir: Path, *, model=None) -> tuple[TextTokenizer, TextTokenizer]:
+    """The run's two tokenizers; given the run's ``model`` config, each must fit its vocabulary size."""
+    from qkv.tasks.inference import check_vocabulary
+
+    run = RunDir(run_dir)
+    tokenizers = TextTokenizer.load(run.file(SRC_TOKENIZER)), TextTokenizer.load(run.file(TGT_TOKENIZER))
+    for name, tok, key in zip((SRC_TOKENIZER, TGT_TOKENIZER), tokenizers, ("src_vocab_size", "tgt_vocab_size")):
+        if model is not None and hasattr(model, key):
+            check_vocabulary(run.file(name), tok.vocab_size, getattr(model, key), key=f"model.{key}")
+    return tokenizers
 
 
 class TranslationTask:
@@ -139,8 +148,8 @@ class TranslationTask:
             self.src_tok, self.tgt_tok = train_translation_tokenizers(
                 train.pairs, data.vocab_size, joint=data.joint_vocab, min_frequency=data.min_frequency)
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.src_tok.save(Path(run_dir) / SRC_TOKENIZER)
-            self.tgt_tok.save(Path(run_dir) / TGT_TOKENIZER)
+            self.src_tok.save(RunDir(run_dir).file(SRC_TOKENIZER))
+            self.tgt_tok.save(RunDir(run_dir).file(TGT_TOKENIZER))
         self.cfg = replace(cfg, model=model_config(cfg, self.src_tok, self.tgt_tok))
         self.train_ids = encode_corpus(train, self.src_tok, self.tgt_tok, data, split_files(data, "train"))
         self.valid_ids = encode_corpus(valid, self.src_tok, self.tgt_tok, data, split_files(data, "valid"))
@@ -284,6 +293,6 @@ register(TaskSpec(
     decode_config=TranslationDecode,
     make_task=TranslationTask,
     build_model=_build_model,
-    load_artifacts=lambda cfg, run_dir: load_tokenizers(run_dir),
+    load_artifacts=lambda cfg, run_dir: load_tokenizers(run_dir, model=cfg.model),
     inference=TranslationRun,
 ))

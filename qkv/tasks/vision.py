@@ -49,6 +49,7 @@ from qkv.data.images import (
 from qkv.errors import CheckpointError, ConfigError, DataError
 from qkv.metrics import confusion_matrix, confusion_scores, nn_accuracy, separation
 from qkv.models.vit import ImageEmbedder, ViT, ViTConfig
+from qkv.rundir import RunDir
 from qkv.tasks import TaskSpec, register
 from qkv.tasks.classification import check_objective, embedding_loss, write_confusion
 
@@ -138,7 +139,13 @@ class ImageArtifacts:
 
 
 def load_artifacts(cfg, run_dir: str | Path) -> ImageArtifacts:
-    return ImageArtifacts.load(Path(run_dir) / IMAGES)
+    """images.json: the class names (as many as a classifier's outputs) and the normalisation."""
+    path = RunDir(run_dir).file(IMAGES)
+    artifacts = ImageArtifacts.load(path)
+    if cfg.task == "image_classification" and len(artifacts.label_names) != cfg.model.n_classes:
+        raise CheckpointError(f"{path}: {len(artifacts.label_names)} classes, but the model has model.n_classes="
+                              f"{cfg.model.n_classes} outputs; the file was changed or belongs to another run")
+    return artifacts
 
 
 def build_model(cfg) -> ViT | ImageEmbedder:
@@ -154,7 +161,7 @@ def vit_of(model) -> ViT:
 
 
 def read_split(run_dir: Path) -> dict:
-    path = Path(run_dir) / SPLIT
+    path = RunDir(run_dir).file(SPLIT)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -192,10 +199,11 @@ class ImageRunData:
             parts = {k: images.subset(split[k]) for k in ("train", "valid", "test")}
             artifacts = ImageArtifacts(images.label_names, *channel_stats(parts["train"].images))
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / SPLIT, split)
-            artifacts.save(run_dir / IMAGES)
+            run = RunDir(run_dir)
+            write_json(run.file(SPLIT), split)
+            artifacts.save(run.file(IMAGES))
             if d.svm_baseline:
-                write_json(run_dir / BASELINE, svm_baseline(parts))
+                write_json(run.file(BASELINE), svm_baseline(parts))
         if not len(parts["valid"]) and not d.train_on_valid:
             raise ConfigError(f"data.valid_fraction={d.valid_fraction}: no validation images to evaluate on")
         if d.train_on_valid and cfg.train.patience:
@@ -283,7 +291,8 @@ class ImageClassificationTask:
         if not len(d.valid):  # data.train_on_valid
             return {}
         return score_classifier(model, d.prepare(d.valid.images), d.valid.labels, d.artifacts.label_names,
-                                batch_size=self.cfg.data.eval_batch_size, confusion_path=self.run_dir / CONFUSION)
+                                batch_size=self.cfg.data.eval_batch_size,
+                                confusion_path=RunDir(self.run_dir).file(CONFUSION))
 
 
 class ImageEmbeddingTask:
