@@ -166,8 +166,8 @@ def chunked_projection_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     the same value as ``F.cross_entropy(F.linear(hidden, weight).float(), targets,
     ignore_index=ignore_index, label_smoothing=eps, reduction="sum") / max(n_tokens, 1)``, i.e.
     qkv.tasks.translation.sequence_loss, with n_tokens the targets that are not ``ignore_index``.
-    Logits are computed in hidden's dtype and reduced in float32, as there; float64 stays float64.
-    Smoothing is F.cross_entropy's (Szegedy et al. 2016, sec. 7; sec. 5.4 of the paper), per token::
+    Logits are computed in hidden's dtype (autocast's under autocast) and reduced in float32, as
+    there; float64 stays float64. Smoothing is F.cross_entropy's (Szegedy et al. 2016, sec. 7; sec. 5.4 of the paper), per token::
 
         loss_i = (1 - eps) * (lse_i - z_iy) + eps * (lse_i - mean_j z_ij),  lse_i = log sum_j exp z_ij
 
@@ -183,8 +183,13 @@ def chunked_projection_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     keep = (targets != ignore_index).nonzero().squeeze(1)  # (N_real,)
     n_tokens = int(keep.numel())
     eager = not recompute and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss_sum = _ChunkedProjectionCE.apply(hidden, weight, targets, keep, float(label_smoothing), int(chunk_size),
-                                          eager)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # cast here, as autocast would for F.linear, so that the
+        dtype = torch.get_autocast_dtype(device)  # recomputed logits (autocast is off in backward) match
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        loss_sum = _ChunkedProjectionCE.apply(hidden, weight, targets, keep, float(label_smoothing),
+                                              int(chunk_size), eager)
     return loss_sum / max(n_tokens, 1), n_tokens
 
 

@@ -318,3 +318,20 @@ def test_chunked_projection_ce_in_bfloat16_matches_the_plain_path_to_its_roundin
     for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_chunked_projection_ce_under_autocast_matches_the_plain_path():
+    """bf16 autocast (train.precision: bf16) casts the projection; the backward's recomputed logits must be
+    the forward's bf16 ones (autocast is off in backward), so both modes give the same gradients."""
+    hidden, weight, targets = projection_batch(48, 16, 40, torch.float32, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.1,
+                                                   chunk_size=20, recompute=recompute)[0] for recompute in (True, False)]
+        ref, _ = plain_projection_loss(hidden, weight, targets, pad_id=0, label_smoothing=0.1)
+    recomputed, eager = (torch.autograd.grad(loss, (hidden, weight)) for loss in losses)
+    for a, b, want in zip(recomputed, eager, torch.autograd.grad(ref, (hidden, weight))):
+        assert a.dtype == b.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, want, rtol=2e-2, atol=2e-3)
+    for loss in losses:
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
