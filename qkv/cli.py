@@ -234,6 +234,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps({"run_dir": str(args.run_dir), "task": run.cfg.task, **run.evaluate(**options)}))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from qkv.run import load
+
+    print(json.dumps(load(args.run_dir).export(args.format, args.out)))
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     run = _load(args)
     run.require("generate")
@@ -475,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="picture to write (default: RUN_DIR/curves.png)")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("export", help="write a trained run for another runtime; prints one JSON summary")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, help="hf | onnx | ctranslate2 (what the run's family can export)")
+    p.add_argument("--out", required=True, help="folder to write (new, empty, or one qkv export made)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("embed", help="embed each input line with a trained encoder into a .npy matrix")
     p.add_argument("run_dir")

@@ -187,6 +187,7 @@ class _ImageRun(LoadedRun):
     """What the two image families share: embed, evaluate on a recorded split or a file, attention."""
 
     inputs = "image"
+    exporters = {"hf": "qkv.export.hf:vit", "onnx": "qkv.export.onnx:image_encoder"}
 
     def embed(self, paths, *, batch_size: int | None = None, **options) -> np.ndarray:
         """(N, D) float32 unit-length embeddings of image files: the ViT's pooled output, normalised."""

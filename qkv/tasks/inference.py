@@ -61,6 +61,8 @@ class LoadedRun:
     primary_metric: ClassVar[tuple[str, str]]
     predicts: ClassVar[tuple[str, ...]] = ()        # which of PREDICTS the family implements
     evaluate_options: ClassVar[tuple[str, ...]] = ()
+    #: export format ("hf" | "onnx" | "ctranslate2") -> "module:function", imported only when asked (qkv.export)
+    exporters: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg, model: torch.nn.Module, artifacts: Any, run_dir: str | Path,
                  device: torch.device | str = "cpu"):
@@ -112,6 +114,20 @@ class LoadedRun:
 
     def embed(self, inputs, **options):
         raise self.cannot("embed")
+
+    def export(self, format: str, out: str | Path) -> dict:
+        """Write the run to ``out`` in ``format`` (one of ``exporters``); the exporter's JSON-able summary.
+
+        The exporter's module is imported here, so ``import qkv`` and ``qkv.load`` never import onnx
+        or ctranslate2. A run whose architecture the target cannot hold is a ConfigError naming the keys.
+        """
+        if format not in self.exporters:
+            formats = ", ".join(sorted(self.exporters)) or "none"
+            raise ConfigError(f"{self.run_dir} is {self.a_kind} run: it cannot export to {format!r} (it can: {formats})")
+        import importlib
+
+        module, _, function = self.exporters[format].partition(":")
+        return getattr(importlib.import_module(module), function)(self, Path(out))
 
     # -- helpers for the families -----------------------------------------------------------------
     def require(self, method: str) -> None:

@@ -125,6 +125,8 @@ class LanguageModelRun(LoadedRun):
     kind = "language-model"
     primary_metric = LMTask.primary_metric
     predicts = ("generate",)
+    exporters = {"hf": "qkv.export.hf:decoder_only", "onnx": "qkv.export.onnx:language_model",
+                 "ctranslate2": "qkv.export.ct2:language_model"}
     evaluate_options = ("text",)
 
     def sampling(self, **given) -> SamplingConfig:

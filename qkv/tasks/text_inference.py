@@ -26,6 +26,7 @@ class _TextRun(LoadedRun):
     """What the two text families share: embed, evaluate on a labelled file, encoder attention."""
 
     evaluate_options = ("data",)
+    exporters = {"hf": "qkv.export.hf:text_encoder", "onnx": "qkv.export.onnx:text_encoder"}
 
     def _batch_size(self, batch_size: int | None) -> int:
         batch_size = self.cfg.decode.batch_size if batch_size is None else batch_size

@@ -213,6 +213,7 @@ class TranslationRun(LoadedRun):
     kind = "translation"
     primary_metric = TranslationTask.primary_metric
     predicts = ("translate",)
+    exporters = {"hf": "qkv.export.hf:encoder_decoder", "ctranslate2": "qkv.export.ct2:translation"}
     evaluate_options = ("src", "ref", "beam", "output")
 
     def translate(self, texts, *, beam: int | None = None, names=None) -> list[str]:
