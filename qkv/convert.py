@@ -484,3 +484,300 @@ def save_hf_vit(model: ViT, cfg: ViTConfig, folder: str | os.PathLike) -> Path:
     atomic_write_bytes(folder / WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
     atomic_write_bytes(folder / CONFIG, (json.dumps(hf_config, indent=2) + "\n").encode())
     return folder
+
+
+# -- HF GPT-2 / Marian -> a qkv run directory ------------------------------------------------------------
+# GPT2LMHeadModel (``transformer.`` prefix; a bare GPT2Model has none) -> DecoderOnly. Conv1D weights
+# are (in, out): transposed. Per layer N (``h.N.``)::
+#
+#     ln_1, attn.c_attn, attn.c_proj   ->  layers.N.self_residual.norm, self_attn.qkv_proj, self_attn.out_proj
+#     ln_2, mlp.c_fc, mlp.c_proj       ->  layers.N.ff_residual.norm, ff.w_1, ff.w_2
+#
+# and wte, wpe, ln_f, lm_head -> embed, positions.embedding, final_norm, output.
+# MarianMTModel -> Transformer: the inverse of qkv.export.hf's mapping (the residual dimensions
+# permuted back from Marian's sin-then-cos layout to qkv's interleaved one).
+GPT2_LAYER = {"ln_1": "self_residual.norm", "attn.c_attn": "self_attn.qkv_proj", "attn.c_proj": "self_attn.out_proj",
+              "ln_2": "ff_residual.norm", "mlp.c_fc": "ff.w_1", "mlp.c_proj": "ff.w_2"}
+GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+QKV_EPS = 1e-5  # the LayerNorm eps of qkv's DecoderOnly and Transformer blocks
+
+
+def resolve_hf(source: str | os.PathLike) -> Path:
+    """A folder, or a hub-style id ("owner/name") found in the local Hugging Face cache (never downloaded)."""
+    folder = Path(source)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises several kinds; all mean "not here"
+        raise CheckpointError(f"{source}: not a folder, and not in the local Hugging Face cache "
+                              f"({type(err).__name__}); download it first (huggingface-cli download {source}) "
+                              "or pass the folder") from None
+
+
+def _qkv_tokenizer(folder: Path, name: str = TOKENIZER):
+    """The folder's tokenizer.json as a qkv TextTokenizer (ids 0..3 pad, bos, eos, unk), padding and truncation off."""
+    from tokenizers import Tokenizer
+
+    from qkv.data.tokenizer import TextTokenizer
+
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; qkv needs the tokenizer as a tokenizers JSON file")
+    try:
+        tok = Tokenizer.from_file(str(path))
+        tok.no_padding()
+        tok.no_truncation()
+        return TextTokenizer(tok)
+    except DataError as err:
+        raise CheckpointError(f"{path}: {err} (qkv's text tokenizers keep pad, bos, eos, unk at ids 0..3)") from None
+    except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception
+        raise CheckpointError(f"{path}: not a valid tokenizers JSON file: {err}") from None
+
+
+def _check_ids(hf: dict, path: Path, tok, pairs: dict[str, str]) -> None:
+    """Each HF config id (``pairs``: HF field -> tokenizer role) equals the tokenizer's."""
+    for field, role in pairs.items():
+        if hf.get(field) is not None and hf[field] != getattr(tok, role):
+            raise CheckpointError(f"{path}: {field}={hf[field]}, but the tokenizer's {role} is {getattr(tok, role)}")
+
+
+def gpt2_config_from_hf(hf: dict, path: Path, tok):
+    """DecoderOnlyConfig of an HF GPT2Config dict; what qkv cannot compute is a CheckpointError naming the field."""
+    from qkv.models.decoder_only import DecoderOnlyConfig
+
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(f"{path}: model_type={hf.get('model_type')!r} is not 'gpt2'")
+    act = _field(hf, path, "activation_function", str, "gelu_new")
+    if act not in GPT2_ACTS:
+        raise CheckpointError(f"{path}: activation_function={act!r} is not supported (one of {sorted(GPT2_ACTS)})")
+    for name, wanted in (("layer_norm_epsilon", QKV_EPS), ("scale_attn_weights", True),
+                         ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
+        if hf.get(name, wanted) != wanted:
+            raise CheckpointError(f"{path}: {name}={hf[name]!r} is not supported (qkv computes {wanted!r})")
+    _check_ids(hf, path, tok, {"pad_token_id": "pad_id"})
+    sizes = {ours: _field(hf, path, theirs, int, None, minimum=1) for ours, theirs in (
+        ("vocab_size", "vocab_size"), ("block_size", "n_positions"), ("d_model", "n_embd"),
+        ("n_heads", "n_head"), ("n_layers", "n_layer"))}
+    try:
+        return DecoderOnlyConfig(**sizes, d_ff=hf.get("n_inner") or 0, activation=GPT2_ACTS[act],
+                                 dropout=float(hf.get("resid_pdrop", 0.1)),
+                                 attn_dropout=float(hf.get("attn_pdrop", 0.1)),
+                                 tie_embeddings=bool(hf.get("tie_word_embeddings", True)), pad_id=tok.pad_id,
+                                 bos_id=tok.bos_id, eos_id=tok.eos_id)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def gpt2_state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg, path: Path) -> dict[str, torch.Tensor]:
+    """qkv DecoderOnly state dict of GPT-2 tensors (with or without ``transformer.``); mask buffers skipped."""
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items()
+            if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    names = {"wte.weight": "embed.weight", "wpe.weight": "positions.embedding.weight",
+             "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias"}
+    for i in range(cfg.n_layers):
+        for theirs, ours in GPT2_LAYER.items():
+            for kind in ("weight", "bias"):
+                names[f"h.{i}.{theirs}.{kind}"] = f"layers.{i}.{ours}.{kind}"
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    extra = set(bare) - set(names) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    missing = sorted(set(names) - set(bare))
+    if missing or extra:
+        raise CheckpointError(f"{path}: does not match its config (n_layer={cfg.n_layers}): missing keys "
+                              f"{missing[:4]}, unexpected keys {sorted(extra)[:4]}")
+    conv1d = tuple(f".{t}.weight" for t in GPT2_LAYER if not t.startswith("ln"))
+    out = {ours: bare[theirs].t() if theirs.endswith(conv1d) else bare[theirs] for theirs, ours in names.items()}
+    if cfg.tie_embeddings:
+        out["output.weight"] = out["embed.weight"]  # the same tensor (tied), as the module holds it
+    return out
+
+
+def _marian_qkv_config(hf: dict, path: Path, src_tok, tgt_tok):
+    """TransformerConfig of an HF MarianConfig dict; what qkv cannot compute is a CheckpointError naming the field."""
+    from qkv.export.hf import MARIAN_ACTIVATIONS
+    from qkv.models.transformer import TransformerConfig
+
+    if hf.get("model_type") != "marian":
+        raise CheckpointError(f"{path}: model_type={hf.get('model_type')!r} is not 'marian'")
+    acts = {v: k for k, v in MARIAN_ACTIVATIONS.items()} | {"gelu_new": "gelu_tanh"}
+    act = _field(hf, path, "activation_function", str, "gelu")
+    if act not in acts:
+        raise CheckpointError(f"{path}: activation_function={act!r} is not supported (qkv's feed-forward has "
+                              f"{sorted(acts)})")
+    for ours, pair in (("n_heads", ("encoder_attention_heads", "decoder_attention_heads")),
+                       ("d_ff", ("encoder_ffn_dim", "decoder_ffn_dim"))):
+        if hf.get(pair[0]) != hf.get(pair[1]):
+            raise CheckpointError(f"{path}: {pair[0]}={hf.get(pair[0])} != {pair[1]}={hf.get(pair[1])} "
+                                  f"(qkv's Transformer has one {ours})")
+    _check_ids(hf, path, tgt_tok, {"pad_token_id": "pad_id", "eos_token_id": "eos_id",
+                                   "decoder_start_token_id": "bos_id"})
+    shared = bool(hf.get("share_encoder_decoder_embeddings", True))
+    vocab = _field(hf, path, "vocab_size", int, None, minimum=1)
+    try:
+        return TransformerConfig(
+            src_vocab_size=vocab,
+            tgt_vocab_size=vocab if shared else _field(hf, path, "decoder_vocab_size", int, vocab),
+            d_model=_field(hf, path, "d_model", int, None, minimum=2), n_heads=hf["encoder_attention_heads"],
+            d_ff=hf["encoder_ffn_dim"], n_encoder_layers=_field(hf, path, "encoder_layers", int, None, minimum=1),
+            n_decoder_layers=_field(hf, path, "decoder_layers", int, None, minimum=1), activation=acts[act],
+            dropout=float(hf.get("dropout", 0.1)), attn_dropout=float(hf.get("attention_dropout", 0.0)),
+            max_len=_field(hf, path, "max_position_embeddings", int, 1024), share_embeddings=shared,
+            scale_embeddings=bool(hf.get("scale_embedding", False)),
+            tie_output=bool(hf.get("tie_word_embeddings", True)), pad_id=tgt_tok.pad_id, bos_id=tgt_tok.bos_id,
+            eos_id=tgt_tok.eos_id)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def marian_state_dict_from_hf(tensors: dict[str, torch.Tensor], model, path: Path) -> dict[str, torch.Tensor]:
+    """qkv Transformer state dict of MarianMTModel tensors: qkv.export.hf.marian_tensors inverted."""
+    from qkv.export.hf import marian_permutation, marian_tensors
+
+    bias = tensors.get("final_logits_bias")
+    if bias is not None and bool(bias.ne(0).any()):
+        raise CheckpointError(f"{path}: final_logits_bias is not zero (qkv's output projection has no bias)")
+    inverse = torch.argsort(marian_permutation(model.cfg.d_model))
+    wanted = marian_tensors(model)  # the keys and which axis of each is the residual stream
+    skipped = {"final_logits_bias", "model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
+    shared = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"}
+    extra = sorted(set(tensors) - set(wanted) - skipped - shared)
+    missing = sorted(set(wanted) - set(tensors) - skipped)
+    if missing or extra:
+        raise CheckpointError(f"{path}: does not match its config: missing keys {missing[:4]}, unexpected keys "
+                              f"{extra[:4]}")
+    theirs = {}
+    for key in wanted:
+        if key == "final_logits_bias":
+            continue
+        t = tensors[key]
+        if tuple(t.shape) != tuple(wanted[key].shape):
+            raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, the config implies "
+                                  f"{tuple(wanted[key].shape)}")
+        theirs[key] = t
+    return _marian_to_qkv(theirs, model, inverse)
+
+
+def _marian_to_qkv(t: dict[str, torch.Tensor], model, inverse: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Marian names -> qkv names; residual columns (inputs) and rows/vectors (outputs, norms) un-permuted."""
+    cols = lambda w: w[:, inverse]  # noqa: E731 - reads the residual stream
+    rows = lambda w: w[inverse]  # noqa: E731 - writes it (or a norm over it)
+    cfg, out = model.cfg, {}
+    if cfg.share_embeddings:
+        out["src_embed.weight"] = cols(t["model.shared.weight"])
+    else:
+        out["src_embed.weight"] = cols(t["model.encoder.embed_tokens.weight"])
+        out["tgt_embed.weight"] = cols(t["model.decoder.embed_tokens.weight"])
+    if cfg.share_embeddings:
+        out["tgt_embed.weight"] = out["src_embed.weight"]
+    out["output.weight"] = cols(t["lm_head.weight"]) if not cfg.tie_output else out["tgt_embed.weight"]
+
+    def attention(ours: str, theirs: str, cross: bool) -> None:
+        q, k, v = (t[f"{theirs}.{n}_proj.weight"] for n in "qkv")
+        bq, bk, bv = (t[f"{theirs}.{n}_proj.bias"] for n in "qkv")
+        if cross:
+            out[f"{ours}.q_proj.weight"], out[f"{ours}.q_proj.bias"] = cols(q), bq
+            out[f"{ours}.kv_proj.weight"], out[f"{ours}.kv_proj.bias"] = cols(torch.cat([k, v])), torch.cat([bk, bv])
+        else:
+            out[f"{ours}.qkv_proj.weight"] = cols(torch.cat([q, k, v]))
+            out[f"{ours}.qkv_proj.bias"] = torch.cat([bq, bk, bv])
+        out[f"{ours}.out_proj.weight"] = rows(t[f"{theirs}.out_proj.weight"])
+        out[f"{ours}.out_proj.bias"] = rows(t[f"{theirs}.out_proj.bias"])
+
+    def block(ours: str, theirs: str, norms: dict[str, str]) -> None:
+        for o, h in norms.items():
+            out[f"{ours}.{o}.norm.weight"] = rows(t[f"{theirs}.{h}.weight"])
+            out[f"{ours}.{o}.norm.bias"] = rows(t[f"{theirs}.{h}.bias"])
+        fc1, fc2 = f"{theirs}.fc1", f"{theirs}.fc2"
+        out[f"{ours}.ff.w_1.weight"], out[f"{ours}.ff.w_1.bias"] = cols(t[f"{fc1}.weight"]), t[f"{fc1}.bias"]
+        out[f"{ours}.ff.w_2.weight"], out[f"{ours}.ff.w_2.bias"] = rows(t[f"{fc2}.weight"]), rows(t[f"{fc2}.bias"])
+
+    for i in range(cfg.n_encoder_layers):
+        attention(f"encoder.{i}.self_attn", f"model.encoder.layers.{i}.self_attn", False)
+        block(f"encoder.{i}", f"model.encoder.layers.{i}", {"attn_residual": "self_attn_layer_norm",
+                                                            "ff_residual": "final_layer_norm"})
+    for i in range(cfg.n_decoder_layers):
+        attention(f"decoder.{i}.self_attn", f"model.decoder.layers.{i}.self_attn", False)
+        attention(f"decoder.{i}.cross_attn", f"model.decoder.layers.{i}.encoder_attn", True)
+        block(f"decoder.{i}", f"model.decoder.layers.{i}", {"self_residual": "self_attn_layer_norm",
+                                                            "cross_residual": "encoder_attn_layer_norm",
+                                                            "ff_residual": "final_layer_norm"})
+    return out
+
+
+def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a qkv run directory from an HF GPT-2 (``model_type: gpt2``, task lm) or Marian
+    (``model_type: marian``, task translation) folder or locally cached hub id.
+
+    The run holds config.json (the task's config classes, training sections at their defaults),
+    model.safetensors and the tokenizer files, so ``qkv.load``, ``qkv generate`` and ``qkv translate``
+    work on it. Everything is read and checked before the first byte is written; ``out`` must be
+    new or empty (qkv.rundir). The tokenizers must be ``tokenizer.json`` files with qkv's special ids
+    (pad, bos, eos, unk at 0..3; a Marian with separate vocabularies keeps the target's in
+    ``target_tokenizer/``), which is what ``qkv export --format hf`` writes.
+    """
+    from qkv.rundir import RunDir
+
+    folder = resolve_hf(source)
+    hf = _read_json(folder / CONFIG)
+    kind = hf.get("model_type")
+    if kind not in ("gpt2", "marian"):
+        raise CheckpointError(f"{folder / CONFIG}: model_type={kind!r}: import_hf reads 'gpt2' and 'marian' folders "
+                              "(load_hf_bert and load_hf_vit read BERT and ViT)")
+    model, cfg, tokenizers = (_import_gpt2 if kind == "gpt2" else _import_marian)(folder, hf)
+    run = RunDir(Path(out))
+    run.prepare_new()
+    run.create()
+    from qkv.checkpoint import save_weights
+    from qkv.run import save_config
+
+    for name, tok in tokenizers.items():
+        tok.save(run.file(name))
+    save_weights(model, run.weights)
+    save_config(run.path, cfg)
+    return run.path
+
+
+def _run_config(task: str, model_cfg):
+    from qkv.config import TrainConfig
+    from qkv.run import RunConfig
+    from qkv.tasks import TASKS
+
+    spec = TASKS[task]
+    return RunConfig(task=task, data=spec.data_config(), model=model_cfg, train=TrainConfig(),
+                     decode=spec.decode_config())
+
+
+def _import_gpt2(folder: Path, hf: dict):
+    from qkv.models.decoder_only import DecoderOnly
+    from qkv.tasks.lm import TOKENIZER as LM_TOKENIZER
+
+    tok = _qkv_tokenizer(folder)
+    cfg = gpt2_config_from_hf(hf, folder / CONFIG, tok)
+    if tok.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"{folder / TOKENIZER}: {tok.vocab_size} tokens, but vocab_size={cfg.vocab_size}")
+    model = DecoderOnly(cfg)
+    model.load_state_dict(gpt2_state_dict_from_hf(read_weights(folder / WEIGHTS), cfg, folder / WEIGHTS))
+    return model, _run_config("lm", cfg), {LM_TOKENIZER: tok}
+
+
+def _import_marian(folder: Path, hf: dict):
+    from dataclasses import replace
+
+    from qkv.models.transformer import Transformer
+    from qkv.tasks.translation import SRC_TOKENIZER, TGT_TOKENIZER, TranslationData
+
+    src_tok = _qkv_tokenizer(folder)
+    separate = (folder / "target_tokenizer" / TOKENIZER).is_file()
+    tgt_tok = _qkv_tokenizer(folder / "target_tokenizer") if separate else src_tok
+    cfg = _marian_qkv_config(hf, folder / CONFIG, src_tok, tgt_tok)
+    for name, tok, size in ((TOKENIZER, src_tok, cfg.src_vocab_size), (TOKENIZER, tgt_tok, cfg.tgt_vocab_size)):
+        if tok.vocab_size != size:
+            raise CheckpointError(f"{folder / name}: {tok.vocab_size} tokens, but the config has {size}")
+    model = Transformer(cfg)
+    model.load_state_dict(marian_state_dict_from_hf(read_weights(folder / WEIGHTS), model, folder / WEIGHTS))
+    run_cfg = _run_config("translation", cfg)
+    run_cfg = replace(run_cfg, data=TranslationData(joint_vocab=not separate))
+    return model, run_cfg, {SRC_TOKENIZER: src_tok, TGT_TOKENIZER: tgt_tok}

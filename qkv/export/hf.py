@@ -403,7 +403,7 @@ def text_encoder(run, out: Path) -> dict:
     """A text classifier -> BertForSequenceClassification (``pooling=cls`` only); an embedding run ->
     a sentence-transformers folder (BERT, mean or CLS pooling, Normalize)."""
     from qkv.convert import state_dict_to_hf
-    from qkv.models.encoder_only import SequenceClassifier, SentenceEncoder
+    from qkv.models.encoder_only import SentenceEncoder, SequenceClassifier
 
     model = run.model
     if not isinstance(model, (SequenceClassifier, SentenceEncoder)):

@@ -123,7 +123,8 @@ class LoadedRun:
         """
         if format not in self.exporters:
             formats = ", ".join(sorted(self.exporters)) or "none"
-            raise ConfigError(f"{self.run_dir} is {self.a_kind} run: it cannot export to {format!r} (it can: {formats})")
+            raise ConfigError(f"{self.run_dir} is {self.a_kind} run: it cannot export to {format!r} "
+                              f"(it can: {formats})")
         import importlib
 
         module, _, function = self.exporters[format].partition(":")
