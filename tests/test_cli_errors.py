@@ -99,7 +99,7 @@ def test_closed_stdout_and_stdin_are_one_line_errors(classifier, tmp_path):
     assert done.returncode == 2 and done.stderr.decode() == \
         "qkv: error: standard output is closed; give --output FILE\n"
     done = subprocess.run(f"{sys.executable} -m qkv classify {run} <&-", shell=True, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+                          capture_output=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.decode() == "qkv: error: <stdin>: standard input is closed; give --input FILE\n"
 
