@@ -36,36 +36,11 @@ from qkv.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-MARKER = ".qkv-export"
-MARKER_TEXT = "a folder qkv export wrote (see qkv/export/onnx.py)\n"
 TOLERANCE = 1e-4
 OPSET = 18
 
 
-# -- the folder ------------------------------------------------------------------------------------
-def export_folder(out: str | Path) -> Path:
-    """Create ``out`` with the marker written first, or reuse a folder a qkv export created; refuse
-    anything else that is not a new or empty folder, naming it (rule 21), before any byte is written."""
-    from qkv.fileio import atomic_write_text, write_error
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and not (out / MARKER).is_file():
-        foreign = sorted(p.name for p in out.iterdir())
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise ConfigError(f"--out {out}: the folder is not empty and qkv did not export into it (it holds "
-                              f"{shown}); qkv writes only into a new or empty folder: choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_error(out, err) from None
-    if not (out / MARKER).exists():
-        atomic_write_text(out / MARKER, MARKER_TEXT)
-    return out
-
-
+# -- files ------------------------------------------------------------------------------------------
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -192,23 +167,24 @@ def check_in_onnxruntime(path: Path, graph: nn.Module, examples: list[dict[str, 
 
 def _export(run, out: Path, graph: nn.Module, examples: list[dict[str, torch.Tensor]], *, output: str,
             dynamic: dict[str, dict[int, str]], max_length: int | None,
-            extra_files: Callable[[Path], list[str]]) -> dict:
+            extra_files: Callable[[Path], None]) -> dict:
     """The steps every exporter shares: folder, graph, ONNX Runtime check, side files, summary."""
+    from qkv.export import prepare_out, summary
+
     _requires("onnx", "onnxruntime", "onnxscript")
-    out = export_folder(out)
+    out = prepare_out(out)
     graph = graph.eval()
     path = out / MODEL_FILE
     with torch.no_grad():
         exporter = export_graph(graph, examples[0], path, output=output, dynamic=dynamic, max_length=max_length)
     worst = check_in_onnxruntime(path, graph, examples)
-    files = [MODEL_FILE, *extra_files(out)]
+    extra_files(out)
     io = {"inputs": {name: _axes(example_input, dynamic.get(name, {}))
                      for name, example_input in examples[0].items()}, "output": output}
     write_json(out / "onnx.json", {"run_dir": str(run.run_dir), "kind": run.kind, **io})
-    return {"format": "onnx", "out": str(out), "files": [*files, "onnx.json"], "kind": run.kind,
-            "exporter": exporter, "opset": OPSET, **io,
-            "checked": {"runtime": "onnxruntime", "shapes": [_shape(e) for e in examples],
-                        "max_abs_diff": worst, "tolerance": TOLERANCE}}
+    return summary("onnx", out, kind=run.kind, exporter=exporter, opset=OPSET, **io,
+                   checked={"runtime": "onnxruntime", "shapes": [_shape(e) for e in examples],
+                            "max_abs_diff": worst, "tolerance": TOLERANCE})
 
 
 def _axes(tensor: torch.Tensor, dynamic: dict[int, str]) -> list[str | int]:
@@ -236,12 +212,10 @@ def text_encoder(run, out: Path) -> dict:
     axes = {"batch": 0, "length": 1}
     dynamic = {name: {i: kind for kind, i in axes.items()} for name in examples[0]}
 
-    def side_files(folder: Path) -> list[str]:
+    def side_files(folder: Path) -> None:
         run.artifacts.tokenizer.save(folder / "tokenizer.json")
-        if "classify" not in run.predicts:
-            return ["tokenizer.json"]
-        write_json(folder / "labels.json", list(run.artifacts.label_names))
-        return ["tokenizer.json", "labels.json"]
+        if "classify" in run.predicts:
+            write_json(folder / "labels.json", list(run.artifacts.label_names))
 
     return _export(run, out, TextGraph(run.model), examples, output=_output_name(run), dynamic=dynamic,
                    max_length=cfg.max_len, extra_files=side_files)
@@ -254,9 +228,8 @@ def image_encoder(run, out: Path) -> dict:
     shape = dict(channels=cfg.channels, size=cfg.image_size)
     examples = [image_inputs(2, seed=0, **shape), image_inputs(5, seed=1, **shape)]
 
-    def side_files(folder: Path) -> list[str]:
+    def side_files(folder: Path) -> None:
         run.artifacts.save(folder / "images.json")
-        return ["images.json"]
 
     return _export(run, out, ImageGraph(run.model), examples, output=_output_name(run),
                    dynamic={"pixel_values": {0: "batch"}}, max_length=None, extra_files=side_files)
@@ -279,9 +252,8 @@ def language_model(run, out: Path) -> dict:
     examples = [ids_inputs(2, min(5, cfg.block_size), vocab_size=cfg.vocab_size, seed=0),
                 ids_inputs(3, min(9, cfg.block_size), vocab_size=cfg.vocab_size, seed=1)]
 
-    def side_files(folder: Path) -> list[str]:
+    def side_files(folder: Path) -> None:
         run.artifacts.save(folder / "tokenizer.json")
-        return ["tokenizer.json"]
 
     return _export(run, out, IdsGraph(run.model), examples, output="logits",
                    dynamic={"input_ids": {0: "batch", 1: "length"}}, max_length=cfg.block_size,
