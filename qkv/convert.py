@@ -740,13 +740,14 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     return run.path
 
 
-def _run_config(task: str, model_cfg):
+def _run_config(model_cfg, **data):
+    """The RunConfig of the task that trains this model config (found by its config class, not by name)."""
     from qkv.config import TrainConfig
     from qkv.run import RunConfig
     from qkv.tasks import TASKS
 
-    spec = TASKS[task]
-    return RunConfig(task=task, data=spec.data_config(), model=model_cfg, train=TrainConfig(),
+    task, spec = next((n, s) for n, s in TASKS.items() if s.model_config is type(model_cfg))
+    return RunConfig(task=task, data=spec.data_config(**data), model=model_cfg, train=TrainConfig(),
                      decode=spec.decode_config())
 
 
@@ -760,14 +761,12 @@ def _import_gpt2(folder: Path, hf: dict):
         raise CheckpointError(f"{folder / TOKENIZER}: {tok.vocab_size} tokens, but vocab_size={cfg.vocab_size}")
     model = DecoderOnly(cfg)
     model.load_state_dict(gpt2_state_dict_from_hf(read_weights(folder / WEIGHTS), cfg, folder / WEIGHTS))
-    return model, _run_config("lm", cfg), {LM_TOKENIZER: tok}
+    return model, _run_config(cfg), {LM_TOKENIZER: tok}
 
 
 def _import_marian(folder: Path, hf: dict):
-    from dataclasses import replace
-
     from qkv.models.transformer import Transformer
-    from qkv.tasks.translation import SRC_TOKENIZER, TGT_TOKENIZER, TranslationData
+    from qkv.tasks.translation import SRC_TOKENIZER, TGT_TOKENIZER
 
     src_tok = _qkv_tokenizer(folder)
     separate = (folder / "target_tokenizer" / TOKENIZER).is_file()
@@ -778,6 +777,4 @@ def _import_marian(folder: Path, hf: dict):
             raise CheckpointError(f"{folder / name}: {tok.vocab_size} tokens, but the config has {size}")
     model = Transformer(cfg)
     model.load_state_dict(marian_state_dict_from_hf(read_weights(folder / WEIGHTS), model, folder / WEIGHTS))
-    run_cfg = _run_config("translation", cfg)
-    run_cfg = replace(run_cfg, data=TranslationData(joint_vocab=not separate))
-    return model, run_cfg, {SRC_TOKENIZER: src_tok, TGT_TOKENIZER: tgt_tok}
+    return model, _run_config(cfg, joint_vocab=not separate), {SRC_TOKENIZER: src_tok, TGT_TOKENIZER: tgt_tok}

@@ -59,7 +59,9 @@ def _configs(root: Path) -> dict[str, dict]:
     image = image_config(root / "images.npz")
     return {"marian": marian, "marian_separate": separate, "gpt2": _lm(root / "text.txt", activation="gelu_tanh"),
             "llama": bpe, "classifier": cls, "embedding": embedding, "vit": image,
-            "vit_embedding": {**image, "task": "image_embedding"}}
+            "vit_embedding": {**image, "task": "image_embedding"},
+            "rnn": {**marian, "task": "translation-rnn",
+                    "model": {"cell": "gru", "d_embed": 16, "d_hidden": 16, "attention": "additive"}}}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,8 @@ def exported(runs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     out = {}
     for name, run_dir in runs.items():
+        if name == "rnn":  # refused: test_rnn_translation_is_refused
+            continue
         summary = qkv.load(run_dir).export("hf", root / name)
         assert summary["format"] == "hf" and summary["out"] == str(root / name)
         assert CONFIG_FILE in summary["files"] and MARKER not in summary["files"]
@@ -139,6 +143,12 @@ def test_pre_norm_translation_is_refused_naming_the_keys(runs, tmp_path):
     with pytest.raises(ConfigError, match=r"model.norm_first=True, model.norm=rmsnorm, model.positional=rope "
                                           r"has no Marian counterpart: .*paper-base.yaml"):
         run.export("hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rnn_translation_is_refused(runs, tmp_path):
+    with pytest.raises(ConfigError, match=r"task 'translation-rnn' \(RNNSeq2Seq\) has no Marian counterpart"):
+        qkv.load(runs["rnn"]).export("hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -222,13 +222,11 @@ def encoder_decoder(run, out: Path) -> dict:
     The source tokenizer (it appends ``</s>``, as qkv's sources end with EOS) is the folder's
     tokenizer; with separate vocabularies the target's is in ``target_tokenizer/``.
     """
-    from qkv.models.transformer import Transformer
-
     model = run.model
-    if not isinstance(model, Transformer):
-        raise ConfigError(f"{run.run_dir}: task {run.cfg.task!r} ({type(model).__name__}) has no Marian "
-                          "counterpart: Marian holds the Transformer of task 'translation'")
     cfg = model.cfg
+    if not hasattr(cfg, "n_heads"):  # the recurrent seq2seq of the same family: no attention heads
+        raise ConfigError(f"{run.run_dir}: task {run.cfg.task!r} ({type(model).__name__}) has no Marian "
+                          "counterpart: Marian holds the encoder-decoder Transformer")
     check_marian(cfg)
     src_tok, tgt_tok = run.artifacts
     out = prepare_out(out)
@@ -347,11 +345,7 @@ def llama_config(model) -> dict:
 
 def decoder_only(run, out: Path) -> dict:
     """A language-model run -> a GPT2LMHeadModel or LlamaForCausalLM folder with its tokenizer."""
-    from qkv.models.decoder_only import DecoderOnly
-
     model = run.model
-    if not isinstance(model, DecoderOnly):
-        raise ConfigError(f"{run.run_dir}: {type(model).__name__} is not a decoder-only model")
     cfg = model.cfg
     layout = lm_layout(cfg)
     out = prepare_out(out)
@@ -403,14 +397,11 @@ def text_encoder(run, out: Path) -> dict:
     """A text classifier -> BertForSequenceClassification (``pooling=cls`` only); an embedding run ->
     a sentence-transformers folder (BERT, mean or CLS pooling, Normalize)."""
     from qkv.convert import state_dict_to_hf
-    from qkv.models.encoder_only import SentenceEncoder, SequenceClassifier
 
-    model = run.model
-    if not isinstance(model, (SequenceClassifier, SentenceEncoder)):
-        raise ConfigError(f"{run.run_dir}: {type(model).__name__} is not a text encoder")
+    model = run.model  # a SequenceClassifier (it has a head) or a SentenceEncoder
     encoder = model.encoder
     config = _bert_config(encoder)
-    classifier = isinstance(model, SequenceClassifier)
+    classifier = hasattr(model, "head")
     if classifier and model.pooling != "cls":
         raise ConfigError(f"model.pooling={model.pooling} has no BertForSequenceClassification counterpart: it "
                           "classifies the [CLS] token (through its pooler); train with model.pooling=cls")
@@ -454,12 +445,8 @@ def vit(run, out: Path) -> dict:
     """An image run -> ViTForImageClassification (a classifier) or ViTModel (an embedder: its unit-length
     embedding is the normalised ``last_hidden_state[:, 0]``), with a ViTImageProcessor config for RGB."""
     from qkv.convert import vit_config_to_hf, vit_state_dict_to_hf
-    from qkv.models.vit import ViT
 
-    model = run.model
-    vit_model = model if isinstance(model, ViT) else getattr(model, "vit", None)
-    if not isinstance(vit_model, ViT):
-        raise ConfigError(f"{run.run_dir}: {type(model).__name__} is not a ViT")
+    vit_model = getattr(run.model, "vit", run.model)  # an ImageEmbedder wraps its ViT
     try:
         config = vit_config_to_hf(vit_model.cfg)
     except ValueError as err:
