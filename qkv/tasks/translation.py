@@ -172,6 +172,12 @@ class TranslationTask:
         return self._batches(self.train_ids, epoch=epoch, shuffle=True, rank=rank, world_size=world_size)
 
     def loss(self, model, batch: dict, *, label_smoothing: float) -> tuple[torch.Tensor, int]:
+        if type(model) is Transformer:  # bare: the fused chunked projection on the real targets, same value
+            from qkv.models.transformer import teacher_forcing_loss
+
+            return teacher_forcing_loss(model, batch["src"], batch["tgt_in"], batch["tgt_out"],
+                                        label_smoothing=label_smoothing)
+        # wrapped (DDP, FSDP2, torch.compile: their hooks run on forward only) or another family
         logits = model(batch["src"], batch["tgt_in"])  # (B, T, V)
         return sequence_loss(logits, batch["tgt_out"], pad_id=self.cfg.model.pad_id,
                              label_smoothing=label_smoothing)
