@@ -245,11 +245,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     run.require("generate")
     pieces = run.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checked before the first token
-    sys.stdout.write(args.prompt)
+    out = _stdout()
+    out.write(args.prompt)
     for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        out.write(piece)
+        out.flush()
+    out.write("\n")
 
 
 def _check_inputs(run, args: argparse.Namespace) -> None:
