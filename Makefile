@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU build first (a looser requirement would pull gigabytes of CUDA packages).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,compare]"
+	$(PY) -m pip install -q -e ".[dev,compare,export]"
 	touch $(STAMP)
 
 demo: $(STAMP)
