@@ -78,7 +78,7 @@ def test_interrupted_save_debris_is_ignored_and_cleaned(tmp_path):
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, monkeypatch):
     from qkv.tasks import translation
 
-    real = translation.sequence_loss
+    real = translation.TranslationTask.loss  # the task's loss, whatever it computes with
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -86,7 +86,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, monkeypatch)
         loss, n = real(*args, **kwargs)
         return (loss * float("nan"), n) if calls["n"] > 5 else (loss, n)
 
-    monkeypatch.setattr(translation, "sequence_loss", poisoned)
+    monkeypatch.setattr(translation.TranslationTask, "loss", poisoned)
     with pytest.raises(TrainingError, match=r"step 6: the loss is nan.*step_00000004"):
         _train(tmp_path, "run", max_steps=8)
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000004"
@@ -95,7 +95,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, monkeypatch)
 def test_nan_skip_mode_skips_then_gives_up(tmp_path, monkeypatch):
     from qkv.tasks import translation
 
-    real = translation.sequence_loss
+    real = translation.TranslationTask.loss
     calls = {"n": 0}
 
     def sometimes(*args, **kwargs):
@@ -103,7 +103,7 @@ def test_nan_skip_mode_skips_then_gives_up(tmp_path, monkeypatch):
         loss, n = real(*args, **kwargs)
         return (loss * float("inf"), n) if calls["n"] == 3 else (loss, n)
 
-    monkeypatch.setattr(translation, "sequence_loss", sometimes)
+    monkeypatch.setattr(translation.TranslationTask, "loss", sometimes)
     _train(tmp_path, "run", max_steps=6, on_nan="skip")
     assert (tmp_path / "run" / "model.safetensors").exists()
 
