@@ -8,10 +8,10 @@ sinusoidal or learned positions (its interleaved sin/cos layout, written out as 
 CTranslate2's concatenated default). Embeddings are scaled by sqrt(d_model) where qkv scales
 them; shared and tied embeddings are the same matrix.
 
-Decoding rules carried over: qkv never predicts pad or BOS in translation (their log-probs are
--inf), nor pad in a language model, so the output projection gets a bias that is 0 except -inf
-there (the other logits are unchanged). The source gets ``</s>`` appended by CTranslate2
-(``add_source_eos``), as qkv's ``translate`` does; decoding starts from ``<s>``.
+The source gets ``</s>`` appended by CTranslate2 (``add_source_eos``), as qkv's ``translate``
+does; decoding starts from ``<s>``. qkv sets the log-probs of pad and BOS to -inf after the
+softmax (it never predicts them); the export keeps the logits as they are (a -inf bias would
+change the softmax's normaliser, so every score), so the log-probs CTranslate2 computes are qkv's.
 
 What CTranslate2 cannot hold is refused with a ConfigError naming the keys: ALiBi in an
 encoder-decoder (CTranslate2's encoder has no ALiBi), T5 relative bias buckets (qkv scales the
@@ -24,7 +24,6 @@ Length penalty: CTranslate2 divides a hypothesis' log-probability by |Y|^alpha, 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +47,9 @@ def check_transformer(cfg, *, encoder_decoder: bool) -> None:
     """Refuse what the spec cannot hold (see the module docstring), naming the keys."""
     missing = [k for k in ("n_heads", "d_ff", "positional", "norm", "activation") if not hasattr(cfg, k)]
     if missing:
-        fields = ", ".join(f"model.{k}={getattr(cfg, k)}" for k in list(vars(cfg))[:2])
-        raise ConfigError(f"{fields}: not a Transformer (no model.{missing[0]}); CTranslate2 export needs an "
-                          "attention encoder-decoder or decoder-only model, like configs/paper-base.yaml")
+        raise ConfigError(f"the model ({type(cfg).__name__}) is not a Transformer: it has no model.{missing[0]}; "
+                          "CTranslate2 holds attention encoder-decoders and decoder-only models, like "
+                          "configs/paper-base.yaml")
     wrong: dict[str, object] = {}
     if cfg.positional == "t5" or (encoder_decoder and cfg.positional == "alibi"):
         wrong["positional"] = cfg.positional
@@ -95,6 +94,14 @@ def set_norm(spec, norm: torch.nn.Module) -> None:
     spec.gamma = _np(norm.weight)
     if getattr(norm, "bias", None) is not None:
         spec.beta = _np(norm.bias)
+
+
+def norm_eps(model: torch.nn.Module) -> float:
+    """The epsilon of the model's norms: CTranslate2 takes one for the whole model."""
+    found = {m.eps for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))}
+    if len(found) != 1 or None in found:
+        raise ConfigError(f"the model's norms use the epsilons {sorted(map(str, found))}; CTranslate2 takes one")
+    return float(found.pop())
 
 
 def set_attention(spec, attn) -> None:
@@ -157,13 +164,6 @@ def set_stack_inputs(spec, embedding, positions, *, d_model: int, rows: int) -> 
         spec.position_encodings.encodings = position_table(positions, d_model=d_model, rows=rows)
 
 
-def set_projection(spec, output: torch.nn.Linear, never: list[int]) -> None:
-    """The output projection, with a bias of -inf at the ids qkv never predicts (0 elsewhere)."""
-    bias = torch.zeros(output.weight.shape[0])
-    bias[never] = -math.inf
-    set_linear(spec.projection, weight=output.weight, bias=output.bias + bias if output.bias is not None else bias)
-
-
 # -- vocabularies ----------------------------------------------------------------------------------
 def vocabulary(tokenizer) -> list[str]:
     """The token string of every id, in id order (CTranslate2 maps tokens to ids with it)."""
@@ -216,7 +216,7 @@ def translation(run, out: Path) -> dict:
     spec.config.decoder_start_token = specials["bos_token"]
     spec.config.unk_token = _unk(target)
     spec.config.add_source_eos = True
-    spec.config.layer_norm_epsilon = 1e-5
+    spec.config.layer_norm_epsilon = norm_eps(model)
     tokenizers = {"source_tokenizer.json": src_tok, "target_tokenizer.json": tgt_tok}
     return _save(run, out, spec, tokenizers, max_positions=rows)
 
@@ -248,7 +248,7 @@ def language_model(run, out: Path) -> dict:
     specials = special_tokens(tokens, cfg)
     spec.config.bos_token, spec.config.eos_token = specials["bos_token"], specials["eos_token"]
     spec.config.unk_token = _unk(tokens)
-    spec.config.layer_norm_epsilon = 1e-5
+    spec.config.layer_norm_epsilon = norm_eps(model)
     return _save(run, out, spec, {"tokenizer.json": run.artifacts}, max_positions=rows)
 
 

@@ -197,7 +197,7 @@ def _shape(example: dict[str, torch.Tensor]) -> list[int]:
 
 
 def _output_name(run) -> str:
-    """"logits" for a run that classifies, else "embeddings" (the family says what it predicts)."""
+    """``logits`` for a run that classifies, else ``embeddings`` (the family says what it predicts)."""
     return "logits" if "classify" in run.predicts else "embeddings"
 
 
