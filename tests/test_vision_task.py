@@ -76,15 +76,18 @@ def test_the_rebuilt_run_has_the_resolved_model(digits_run):
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
 
-def test_evaluate_scores_the_recorded_test_split_with_a_confusion_matrix(digits_run, capsys):
-    assert main(["evaluate", str(digits_run)]) == 0
+def test_evaluate_scores_the_recorded_test_split_with_a_confusion_matrix(digits_run, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in digits_run.iterdir() if p.is_file()}
+    assert main(["evaluate", str(digits_run), "--confusion", str(tmp_path / "c.json")]) == 0
     result = json.loads(capsys.readouterr().out)
     split = json.loads((digits_run / "split.json").read_text())
     assert result["task"] == "image_classification" and result["examples"] == len(split["test"])
     confusion = np.array(result["confusion"])
     assert confusion.shape == (10, 10) and confusion.sum() == len(split["test"])
     assert result["accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
-    assert json.loads((digits_run / "confusion.json").read_text())["matrix"] == result["confusion"]
+    assert json.loads((tmp_path / "c.json").read_text())["matrix"] == result["confusion"]
+    after = {p.name: p.read_bytes() for p in digits_run.iterdir() if p.is_file()}
+    assert after == before  # evaluate writes nothing into the run (the training-time confusion.json stays)
 
 
 def test_evaluate_on_a_folder_of_class_subfolders(digits_run, tmp_path, capsys):

@@ -41,7 +41,7 @@ def read_lines(path: str | os.PathLike, *, max_chars: int | None = None, allow_e
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return list(_lines(f, name=str(path), max_chars=max_chars, allow_empty=allow_empty))
+            return list(iter_lines(f, name=str(path), max_chars=max_chars, allow_empty=allow_empty))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -60,10 +60,10 @@ _LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 def parse_lines(data: bytes, *, name: str, max_chars: int | None = None, allow_empty: bool = False) -> list[str]:
     """The checks of ``read_lines`` on bytes already in memory; ``name`` is used in messages."""
-    return list(_lines(io.BytesIO(data), name=name, max_chars=max_chars, allow_empty=allow_empty))
+    return list(iter_lines(io.BytesIO(data), name=name, max_chars=max_chars, allow_empty=allow_empty))
 
 
-def _lines(f: BinaryIO, *, name: str, max_chars: int | None, allow_empty: bool) -> Iterator[str]:
+def iter_lines(f: BinaryIO, *, name: str, max_chars: int | None, allow_empty: bool) -> Iterator[str]:
     """Decode ``f`` line by line; no line of more than the character limit is ever held whole."""
     if max_chars is not None and max_chars < 1:
         raise DataError(f"max_chars={max_chars} must be positive or None")

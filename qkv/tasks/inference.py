@@ -176,13 +176,13 @@ def input_lines(stream: IO[bytes], *, name: str, max_chars: int = MAX_INPUT_CHAR
     at) with ``max_chars`` as the line limit; empty lines are kept (they predict as empty). An empty
     stream gives no lines. Only one line (at most ~4 x ``max_chars`` bytes) is held at a time.
     """
-    from qkv.data.text import _lines
+    from qkv.data.text import iter_lines
 
     peek = getattr(stream, "peek", None)
     if peek is not None and not peek(1):
         return
     try:
-        for lineno, text in enumerate(_lines(stream, name=name, max_chars=max_chars, allow_empty=True), start=1):
+        for lineno, text in enumerate(iter_lines(stream, name=name, max_chars=max_chars, allow_empty=True), start=1):
             yield f"{name}:{lineno}", text
     except DataError as err:
         if peek is None and str(err) == f"{name}: file is empty":

@@ -27,6 +27,6 @@ register(TaskSpec(
     decode_config=TranslationDecode,
     make_task=RNNTranslationTask,
     build_model=lambda cfg: RNNSeq2Seq(cfg.model),
-    load_artifacts=lambda cfg, run_dir: load_tokenizers(run_dir),
+    load_artifacts=lambda cfg, run_dir: load_tokenizers(run_dir, model=cfg.model),
     inference=TranslationRun,
 ))
