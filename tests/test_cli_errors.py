@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qkv import cli
+from qkv import cli, commands
 from qkv.cli import main
 from tests.bad_inputs.conftest import classification_config
 from tests.helpers import write_config
@@ -36,7 +36,7 @@ def boom(args):
 
 
 def test_a_bug_is_one_line_internal_error_with_exit_1(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_cmd_plot", boom)
+    monkeypatch.setattr(commands, "cmd_plot", boom)
     monkeypatch.delenv("QKV_DEBUG", raising=False)
     assert main(["plot", "x"]) == 1
     err = capsys.readouterr().err
@@ -47,7 +47,7 @@ def test_a_bug_is_one_line_internal_error_with_exit_1(monkeypatch, capsys):
 @pytest.mark.parametrize("argv, env", [(["--debug", "plot", "x"], None), (["plot", "x", "--debug"], None),
                                        (["plot", "x"], "1"), (["plot", "-v", "x"], None)])
 def test_debug_before_or_after_the_command_or_qkv_debug_shows_the_traceback(monkeypatch, capsys, argv, env):
-    monkeypatch.setattr(cli, "_cmd_plot", boom)
+    monkeypatch.setattr(commands, "cmd_plot", boom)
     if env:
         monkeypatch.setenv("QKV_DEBUG", env)
     else:
