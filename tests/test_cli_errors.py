@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qkv import cli, commands
+from qkv import commands
 from qkv.cli import main
 from tests.bad_inputs.conftest import classification_config
 from tests.helpers import write_config
