@@ -202,7 +202,7 @@ class ViT(nn.Module):
             raise ValueError(f"image size {H}x{W} is not divisible by patch_size={cfg.patch_size}")
         x = self.patch_embed(images)  # (B, N, D)
         if self.class_token is not None:
-            x = torch.cat([self.class_token.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + N, D)
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
         x = x + self.position_table(H // cfg.patch_size, W // cfg.patch_size).to(x.dtype)
         return self.embed_dropout(x)
 
