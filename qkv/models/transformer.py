@@ -206,26 +206,27 @@ class Transformer(nn.Module):
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
         """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V).
 
-        ``record``: an AttentionRecord; weights land in record.weights["encoder" | "decoder" | "cross"][layer].
+        ``record``: an AttentionRecord; weights land in ``record.weights[kind][layer]``, kind "encoder", "decoder" or "cross".
         """
         return self.output(self.features(src, tgt, record=record))  # (B, T, V)
 
 
 def teacher_forcing_loss(model: Transformer, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, *,
-                         label_smoothing: float, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+                         label_smoothing: float, chunk_size: int = 512) -> tuple[torch.Tensor, int]:
     """Mean label-smoothed cross-entropy of ``model(src, tgt_in)`` against ``tgt_out`` over non-pad targets.
 
     src (B, S), tgt_in (B, T) (BOS + y), tgt_out (B, T) (y + EOS) -> (loss, n_tokens), the value
     and gradients of ``qkv.tasks.translation.sequence_loss(model(src, tgt_in), tgt_out, ...)``
     (sec. 5.4, smoothing eps), computed as: h = features (B, T, D); the N rows at real targets
-    (N, D); logits h W^T chunk by chunk, fused with the loss (never (B, T, V), never padding).
+    (N, D); logits h W^T chunk by chunk, fused with the loss (never (B, T, V), never padding), the
+    gradients taken in the forward pass while each chunk's logits exist (3 matmuls, as the plain path).
     Call it on the bare model: a DDP or FSDP2 wrapper syncs gradients through ``forward`` only.
     """
     hidden = model.features(src, tgt_in)  # (B, T, D)
     real = tgt_out != model.pad_id  # (B, T)
     rows = hidden[real]  # (N, D)
     return chunked_projection_cross_entropy(rows, model.output_weight, tgt_out[real], ignore_index=model.pad_id,
-                                            label_smoothing=label_smoothing, chunk_size=chunk_size)
+                                            label_smoothing=label_smoothing, chunk_size=chunk_size, recompute=False)
 
 def _check_ids(ids: torch.Tensor, vocab_size: int, name: str, shape: str) -> None:
     if ids.dim() != 2:
