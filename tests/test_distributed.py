@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from qkv import checkpoint as ckpt
+from qkv import rundir
 from qkv.cli import main
 from qkv.data.classification import class_balanced_batches, sentence_batches
 from qkv.data.lm import RandomBlocks
@@ -65,11 +66,35 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
+def key_bias_rows(name: str, t: torch.Tensor) -> slice | None:
+    """The key-bias entries of an attention projection's bias (qkv_proj: q | k | v; kv_proj: k | v), or None.
+
+    softmax(q . (k + b_k)) ignores b_k (the shift q . b_k is the same for every key), so its gradient
+    is zero in exact arithmetic and only rounding noise is left, which Adam's first steps
+    (lr * g / (|g| + eps)) turn into full-size updates. One process (the fused loss of a bare model)
+    and DDP (the loss through forward) round differently, so these entries drift apart by noise
+    without changing what the model computes; they are compared loosely.
+    """
+    if name.endswith("qkv_proj.bias"):
+        third = t.shape[0] // 3
+        return slice(third, 2 * third)
+    if name.endswith("kv_proj.bias"):
+        return slice(0, t.shape[0] // 2)
+    return None
+
+
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
+    worst = 0.0
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=RTOL, atol=ATOL), (name, (a[name] - b[name]).abs().max())
-    return max(float((a[n] - b[n]).abs().max()) for n in a)
+        x, y = a[name].clone(), b[name].clone()
+        rows = key_bias_rows(name, x)
+        if rows is not None:  # no-op parameters: equal to a loose tolerance, then left out of the exact check
+            assert torch.allclose(x[rows], y[rows], atol=1e-2), (name, (x[rows] - y[rows]).abs().max())
+            x[rows] = y[rows] = 0
+        assert torch.allclose(x, y, rtol=RTOL, atol=ATOL), (name, (x - y).abs().max())
+        worst = max(worst, float((x - y).abs().max()))
+    return worst
 
 
 def assert_same_training(single: Path, ddp: Path, *, single_weights: Path | None = None) -> float:
@@ -121,7 +146,8 @@ def test_ddp_translation_equals_one_process(translation):
     assert_same_training(tmp / "single", tmp / "ddp", single_weights=tmp / "single/checkpoints/step_00000008"
                          / ckpt.WEIGHTS)
     assert [p.name for p in ckpt.list_checkpoints(tmp / "ddp")] == ["step_00000004", "step_00000008"]
-    assert not list((tmp / "ddp").glob("**/.*"))  # no debris from a second writer
+    # no debris from a second writer: the only dot files are the run's marker and its training lock
+    assert sorted(p.name for p in (tmp / "ddp").glob("**/.*")) == sorted([rundir.MARKER, rundir.LOCK])
 
 
 @pytest.mark.distributed
