@@ -23,7 +23,8 @@ from tests.cdp import Browser, find_chromium
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = find_chromium()
 pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does it)"),
+    pytest.mark.skipif(CHROMIUM is None,
+                       reason="chromium is not installed (apt-get install chromium; .ci/run does it)"),
     pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
                        reason="mkdocs is not installed (pip install -e '.[docs]'; make docs does it)"),
 ]
@@ -57,15 +58,28 @@ def _nav_link(b: Browser, title: str) -> str:
 
 
 def _click(b: Browser, href: str) -> None:
-    """Click the first link to ``href`` (scrolled into view, a real mouse click) and wait for the new page."""
+    """Click the first visible link to ``href`` with the mouse, as a reader would, and wait for the new page.
+
+    The link is scrolled into view first and clicked only once the element under its centre is that
+    link (a layout still settling would send the click elsewhere); a link hidden in a collapsed
+    section is followed as the browser would follow it.
+    """
     after = len(b.events)
-    box = b.eval("(() => { const a = Array.from(document.querySelectorAll('a')).find((l) => l.href === "
-                 f"{json.dumps(href)} && l.offsetParent !== null); if (!a) return null;"
-                 " a.scrollIntoView({block: 'center'}); const r = a.getBoundingClientRect();"
-                 " return [r.left + r.width / 2, r.top + r.height / 2]; })()")
-    if box is None:  # hidden in a collapsed section: follow it as the browser would
+    find = ("Array.from(document.querySelectorAll('a')).find((l) => l.href === " + json.dumps(href)
+            + " && l.offsetParent !== null)")
+    if not b.eval(f"(() => {{ const a = {find}; if (!a) return false; a.scrollIntoView({{block: 'center'}}); "
+                  "return true; })()"):
         b.send("Page.navigate", {"url": href})
     else:
+        box = None
+        for _ in range(50):
+            time.sleep(0.05)
+            box = b.eval(f"(() => {{ const a = {find}; const r = a.getBoundingClientRect(); "
+                         "const x = r.left + r.width / 2, y = r.top + r.height / 2; "
+                         "return a.contains(document.elementFromPoint(x, y)) ? [x, y] : null; })()")
+            if box:
+                break
+        assert box, f"the link to {href} never became clickable"
         b.click_at(*box)
     b.wait_event("Page.loadEventFired", after=after)
     time.sleep(0.2)
