@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU build first (a looser requirement would pull gigabytes of CUDA packages).
+	# Then qkv with the extras its tests use: compare (reference models), export (ONNX Runtime,
+	# CTranslate2), docs (mkdocs, for the site's browser test).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,compare,export]"
+	$(PY) -m pip install -q -e ".[dev,compare,export,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
