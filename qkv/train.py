@@ -26,12 +26,13 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from qkv import checkpoint as ckpt
 from qkv import distributed, mfu
 from qkv.config import TrainConfig
 from qkv.errors import CheckpointError, ConfigError, TrainingError
+from qkv.progress import Progress as ProgressLine
+from qkv.progress import human_rate
 from qkv.rundir import RunDir, read_metrics
 from qkv.schedules import multiplier
 
@@ -43,6 +44,9 @@ class Task(Protocol):
 
     #: ("bleu", "max") or ("loss", "min"): the validation metric for early stopping / best checkpoint
     primary_metric: tuple[str, str]
+    #: what the loss's count (its second value) counts, per second: "tokens/s", "sentences/s", "images/s";
+    #: the training rate is shown in it (metrics.jsonl keeps the key ``tokens_per_s`` whatever the unit)
+    rate_unit: str
 
     def build_model(self) -> nn.Module: ...
 
@@ -247,8 +251,9 @@ class Trainer:
         if resume:
             self._resume(restart=restart)
         self._measure_flops()
-        bar = tqdm(total=self.cfg.max_steps, initial=self.state.step, disable=not self.show_progress,
-                   unit="step", dynamic_ncols=True)
+        # a bar in a terminal; elsewhere a plain line every log_every steps and at least once a minute
+        bar = ProgressLine(desc="train", unit="step", total=self.cfg.max_steps, initial=self.state.step,
+                           enabled=self.show_progress, every_n=self.cfg.log_every, every_s=60.0)
         window_tokens, window_start, skipped, metrics = 0, time.perf_counter(), 0, {}
         while self.state.step < self.cfg.max_steps:
             value, tokens, lr = self._step()
@@ -259,7 +264,6 @@ class Trainer:
             self.state.step += 1
             self.state.tokens += tokens
             window_tokens += tokens
-            bar.update(1)
             step = self.state.step
             if step % self.cfg.log_every == 0 or step == self.cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
@@ -272,8 +276,9 @@ class Trainer:
                     record["mfu"] = round(mfu.mfu(self._flops_per_token, window_tokens / max(elapsed, 1e-9),
                                                   self._peak, distributed.world_size()), 4)
                 self._log(record)
-                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set(loss=f"{value:.3f}", **{self.task.rate_unit: human_rate(record["tokens_per_s"])})
                 window_tokens, window_start = 0, time.perf_counter()
+            bar.update(1)
             stop, paused = False, time.perf_counter()
             if step % self.cfg.eval_every == 0 or step == self.cfg.max_steps:
                 metrics = self._evaluate()

@@ -1,6 +1,7 @@
 """The studies: tiny end-to-end runs that write their reports, and the measurements they rest on."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,4 +112,37 @@ def test_synthetic_task_targets():
 
 def test_study_cli_rejects_bad_threads(capsys):
     assert main(["study", "attention-variants", "--threads", "0"]) == 2
-    assert "--threads must be >= 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--threads" in err and "must be an int >= 1, got 0" in err
+
+
+def test_study_writes_under_runs_studies_by_default_and_quick_says_it_proves_nothing(tmp_path, monkeypatch):
+    from qkv import commands
+    from qkv.studies import QUICK_NOTE, default_out
+
+    assert default_out("attention-variants") == Path("runs/studies/attention-variants")
+    seen = {}
+
+    def fake_run_study(out, *, settings, command):
+        seen.update(out=Path(out), settings=settings)
+        return Path(out) / "attention-variants.md"
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(attention_variants, "run_study", fake_run_study)
+    assert main(["study", "attention-variants", "--quick"]) == 0
+    assert seen["out"] == Path("runs/studies/attention-variants") and seen["settings"].name == "quick"
+    assert main(["study", "attention-variants", "--output", "elsewhere"]) == 0
+    assert seen["out"] == Path("elsewhere")
+    assert "too small to conclude" in QUICK_NOTE and commands.cmd_study
+
+
+def test_quick_report_carries_the_note(tmp_path):
+    from qkv.studies import QUICK_NOTE
+
+    s = dataclasses.replace(
+        rnn_vs_attention.Settings.quick(), grad_len=6, grad_batches=1, speed_lengths=(4,),
+        task=synthetic.SyntheticTask("reverse", 5, 2, 6), eval_lengths=(2,), eval_n=4, steps=2, batch_size=4,
+        size=TINY_SIZE, models=("gru-none",))
+    report = rnn_vs_attention.run_study(tmp_path, tmp_path / "work", settings=s, data_dir=None, command="t",
+                                        parts=("gradients",))
+    assert s.name == "quick" and QUICK_NOTE in report.read_text()

@@ -28,7 +28,7 @@ import torch
 from qkv.attention import additive_attention, multiplicative_attention, scaled_dot_product_attention
 from qkv.fileio import atomic_write_text
 from qkv.record import AttentionRecord
-from qkv.studies import synthetic
+from qkv.studies import QUICK_NOTE, synthetic
 from qkv.studies.plots import line_plot, markdown_table, panels
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,8 @@ def run_study(out_dir: str | Path, *, settings: Settings, command: str = "") -> 
                 f" with torch {torch.__version__} on CPU, one recurrent encoder-decoder (GRU, bidirectional "
                 "encoder, Luong's placement: the decoder state s_t queries the encoder states h_j) whose score "
                 "function alone changes.\n"]
+    if s.name == "quick":
+        sections.append(f"> **{QUICK_NOTE}**\n")
     sections.append(_saturation_section(out, s))
     sections.append(_quality_section(out, s, train_variants(s)))
     sections.append(_cost_section(out, s))

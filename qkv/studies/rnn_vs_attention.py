@@ -28,7 +28,7 @@ from qkv.blocks import BlockConfig, DecoderBlock
 from qkv.fileio import atomic_write_text
 from qkv.models.rnn_seq2seq import CELLS
 from qkv.positional import SinusoidalPositionalEncoding
-from qkv.studies import synthetic
+from qkv.studies import QUICK_NOTE, synthetic
 from qkv.studies.plots import grouped_bars, line_plot, markdown_table, panels
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,8 @@ def run_study(out_dir: str | Path, work_dir: str | Path, *, settings: Settings, 
         minutes = (time.perf_counter() - started) / 60
         note = (f"_Measured by `{command}` ({s.name} settings, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} thread(s)) in {minutes:.1f} min._\n")
+        if s.name == "quick":
+            note += f"\n> **{QUICK_NOTE}**\n"
         atomic_write_text(store / f"{part}.md", text + "\n" + note)
     body = [(store / f"{p}.md").read_text() for p in PARTS if (store / f"{p}.md").is_file()]
     report = out / "rnn-vs-attention.md"

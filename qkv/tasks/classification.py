@@ -283,6 +283,7 @@ def forward_all(model, ids: list[list[int]], *, batch_size: int, pad_id: int) ->
 # -- the two tasks ---------------------------------------------------------------------------------
 class ClassificationTask:
     primary_metric = ("accuracy", "max")
+    rate_unit = "sentences/s"
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         self.data, self.run_dir = LabelledData(cfg, run_dir, resume=resume), Path(run_dir)
@@ -306,6 +307,7 @@ class ClassificationTask:
 
 class EmbeddingTask:
     primary_metric = ("nn_accuracy", "max")
+    rate_unit = "sentences/s"
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         self.data = LabelledData(cfg, run_dir, resume=resume)

@@ -77,6 +77,11 @@ class LoadedRun:
         return ("an " if self.kind[0] in "aeiou" else "a ") + self.kind
 
     @property
+    def unit(self) -> str:
+        """What predict and evaluate count in their progress: "image" or "sentence"."""
+        return "image" if self.inputs == "image" else "sentence"
+
+    @property
     def abilities(self) -> tuple[str, ...]:
         return (*self.predicts, "evaluate", "attention")
 

@@ -58,6 +58,7 @@ def build_tokenizer(data: LMData, train_text: str, valid_text: str | None):
 
 class LMTask:
     primary_metric = ("loss", "min")
+    rate_unit = "tokens/s"
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         data = cfg.data

@@ -137,6 +137,7 @@ class TranslationTask:
     """Reads and validates all data up front, so bad input fails before the first step."""
 
     primary_metric = ("bleu", "max")
+    rate_unit = "tokens/s"  # target tokens
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         data = cfg.data

@@ -271,6 +271,7 @@ def svm_baseline(parts: dict[str, ImageSet]) -> dict:
 # -- the two tasks ------------------------------------------------------------------------------------
 class ImageClassificationTask:
     primary_metric = ("accuracy", "max")
+    rate_unit = "images/s"
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         self.data, self.run_dir = ImageRunData(cfg, run_dir, resume=resume), Path(run_dir)
@@ -297,6 +298,7 @@ class ImageClassificationTask:
 
 class ImageEmbeddingTask:
     primary_metric = ("nn_accuracy", "max")
+    rate_unit = "images/s"
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         self.data = ImageRunData(cfg, run_dir, resume=resume)
