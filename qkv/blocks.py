@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from qkv.config import check_ranges, ranged
 from qkv.layers import FeedForward, KVCache, MultiHeadAttention, dropout, make_feedforward, make_norm
 from qkv.positional import PositionScheme
 from qkv.record import LayerRecord
@@ -24,24 +25,22 @@ from qkv.unpad import Unpadded
 class BlockConfig:
     """Hyper-parameters of one block; the paper's base model is d_model=512, n_heads=8, d_ff=2048."""
 
-    d_model: int = 512
-    n_heads: int = 8
-    d_ff: int = 2048
-    n_kv_heads: int | None = None
-    dropout: float = 0.1
-    attn_dropout: float = 0.0
+    d_model: int = ranged(512, ge=1)
+    n_heads: int = ranged(8, ge=1)
+    d_ff: int = ranged(2048, ge=1)
+    n_kv_heads: int | None = ranged(None, ge=1)
+    dropout: float = ranged(0.1, ge=0.0, lt=1.0)
+    attn_dropout: float = ranged(0.0, ge=0.0, lt=1.0)
     activation: str = "relu"
     norm: str = "layernorm"
     norm_first: bool = False
-    norm_eps: float = 1e-5
+    norm_eps: float = ranged(1e-5, gt=0.0)
     bias: bool = True
 
     def __post_init__(self):
+        check_ranges(self)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> BlockConfig:

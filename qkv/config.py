@@ -20,6 +20,101 @@ import yaml
 from qkv.errors import ConfigError
 from qkv.fileio import atomic_write_bytes
 
+RANGE = "qkv.range"
+"""The ``dataclasses.field`` metadata key under which :func:`ranged` stores a field's :class:`Range`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a number field may take: a lower bound (``ge`` or ``gt``) and/or an upper one
+    (``le`` or ``lt``); floats must also be finite. ``note`` says what an end value means ("0 = off").
+    A field whose value may be None (``int | None``) is checked only when it holds a number."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        """">= 1", "> 0", "in [0, 1)", "in (0, 1]": as the messages say it."""
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if low is not None and high is not None:
+            return (f"in {'[' if self.ge is not None else '('}{_number(low)}, "
+                    f"{_number(high)}{']' if self.le is not None else ')'}")
+        if low is not None:
+            return f"{'>=' if self.ge is not None else '>'} {_number(low)}"
+        if high is not None:
+            return f"{'<=' if self.le is not None else '<'} {_number(high)}"
+        return "a finite number"
+
+    def error(self, key: str, value: Any) -> str | None:
+        """The message for ``value`` at ``key`` ("model.n_heads must be >= 1, got 0"), or None if it fits."""
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # None is the field's "not set"; the type is from_dict's to check
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key} must be a finite number, got {value}"
+        if value in self:
+            return None
+        return f"{key} must be {self.describe()}{f' ({self.note})' if self.note else ''}, got {value}"
+
+
+def _number(bound: float) -> str:
+    if isinstance(bound, int) and bound >= 2**16 and bound & (bound - 1) == 0:
+        return f"2**{bound.bit_length() - 1}"  # 2**32, not 4294967296
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
+def ranged(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None, note: str = "") -> Any:
+    """A dataclass field with a declared range, checked by ``from_dict`` (naming the file and key)
+    and by :func:`check_ranges` in the config's ``__post_init__``::
+
+        n_heads: int = ranged(8, ge=1)
+        dropout: float = ranged(0.1, ge=0.0, lt=1.0)        # a probability: [0, 1)
+        d_ff: int = ranged(0, ge=0, note="0 = 4 * d_model")  # 0 means "derive it"
+    """
+    if ge is not None and gt is not None or le is not None and lt is not None:
+        raise ValueError("give one lower bound (ge or gt) and one upper bound (le or lt)")
+    return dataclasses.field(default=default, metadata={RANGE: Range(ge=ge, gt=gt, le=le, lt=lt, note=note)})
+
+
+def ranges(cls: type) -> dict[str, Range]:
+    """The declared range of each field of dataclass ``cls`` that has one."""
+    return {f.name: f.metadata[RANGE] for f in dataclasses.fields(cls) if RANGE in f.metadata}
+
+
+def range_errors(cls: type, values: dict[str, Any], *, prefix: str = "") -> list[str]:
+    """The messages for the values outside their field's range; each names ``prefix + field``.
+    A tuple or list of numbers is checked element by element (``prefix + field[i]``)."""
+    declared, errors = ranges(cls), []
+    for name, value in values.items():
+        if name not in declared:
+            continue
+        items = enumerate(value) if isinstance(value, (tuple, list)) else [(None, value)]
+        for i, item in items:
+            message = declared[name].error(f"{prefix}{name}" + ("" if i is None else f"[{i}]"), item)
+            if message is not None:
+                errors.append(message)
+    return errors
+
+
+def check_ranges(config: Any, *, prefix: str = "", error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming the first field of ``config`` outside its declared range (see ranged).
+
+    Called first in each config's ``__post_init__``, so that a config built in Python is checked
+    as a loaded one is, and the cross-field checks after it never see a zero or negative size.
+    """
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    errors = range_errors(type(config), values, prefix=prefix)
+    if errors:
+        raise error(errors[0])
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -169,6 +264,9 @@ def from_dict(cls: type, data: dict | None, *, where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})")
     values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    errors = range_errors(cls, values, prefix=f"{where}.")  # "c.yaml: model.n_heads must be >= 1, got 0"
+    if errors:  # before the dataclass is built, so no cross-field check ever sees n_heads=0
+        raise _OutOfRange(errors[0])
     try:
         return cls(**values)
     except (ValueError, TypeError) as err:

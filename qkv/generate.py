@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qkv.config import ranged
 from qkv.decode import inference
 
 logger = logging.getLogger(__name__)
@@ -53,14 +54,16 @@ class SamplingConfig:
     temperature 0.8, top-k 200). ``temperature=1.0, top_k=None`` samples the model's own distribution.
     """
 
-    max_new_tokens: int = 500
-    temperature: float = 0.8             # 0 = greedy (argmax)
-    top_k: int | None = 200              # keep the k most probable tokens (all when k >= V)
-    top_p: float | None = None           # keep the smallest set with probability >= top_p
+    max_new_tokens: int = ranged(500, ge=0)
+    temperature: float = ranged(0.8, ge=0.0, note="0 = greedy")  # 0 = greedy (argmax)
+    top_k: int | None = ranged(200, ge=1)   # keep the k most probable tokens (all when k >= V)
+    top_p: float | None = ranged(None, gt=0.0, le=1.0)  # keep the smallest set with probability >= top_p
     stop_at_eos: bool = True
-    window_stride: int | None = None     # tokens dropped per re-prefill past block_size; None = block_size // 4
+    window_stride: int | None = ranged(None, ge=1)  # dropped per re-prefill past block_size; None = block_size // 4
 
     def __post_init__(self):
+        # typed checks for values given in Python; the ranges are the fields' (qkv.config.ranged), which
+        # from_dict checks for a config file (tests/test_config_ranges.py holds the two to the same bounds)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qkv.blocks import BlockConfig, DecoderBlock, layer_groups
+from qkv.config import check_ranges, ranged
 from qkv.layers import KVCache, dropout, make_norm
 from qkv.masks import check_mask, check_token_ids
 from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, position_scheme
@@ -23,29 +24,28 @@ from qkv.record import AttentionRecord, layer_records
 class DecoderOnlyConfig:
     """Defaults are nanoGPT's "baby GPT" for Tiny Shakespeare; vocab_size comes from the tokenizer."""
 
-    vocab_size: int = 0
-    block_size: int = 256            # the longest context the model is trained on
-    d_model: int = 384
-    n_heads: int = 6
-    n_layers: int = 6
-    d_ff: int = 0                    # 0 = 4 * d_model
-    n_kv_heads: int | None = None
-    dropout: float = 0.2
-    attn_dropout: float = 0.0
+    vocab_size: int = ranged(0, ge=0, note="0 = from the tokenizer")
+    block_size: int = ranged(256, ge=1)  # the longest context the model is trained on
+    d_model: int = ranged(384, ge=1)
+    n_heads: int = ranged(6, ge=1)
+    n_layers: int = ranged(6, ge=1)
+    d_ff: int = ranged(0, ge=0, note="0 = 4 * d_model")
+    n_kv_heads: int | None = ranged(None, ge=1)
+    dropout: float = ranged(0.2, ge=0.0, lt=1.0)
+    attn_dropout: float = ranged(0.0, ge=0.0, lt=1.0)
     activation: str = "gelu"
     norm: str = "layernorm"
     norm_first: bool = True
     positional: str = "learned"
     bias: bool = True
     tie_embeddings: bool = True
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    pad_id: int = ranged(0, ge=0)
+    bos_id: int = ranged(1, ge=0)
+    eos_id: int = ranged(2, ge=0)
 
     def __post_init__(self):
+        check_ranges(self)
         check_positional(self.positional)
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         self.block()
 
     def block(self) -> BlockConfig:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.blocks import BlockConfig, EncoderBlock, layer_groups
+from qkv.config import check_ranges, ranged
 from qkv.layers import make_norm
 from qkv.masks import check_token_ids
 from qkv.models.embedding import TokenEmbedding, absolute_positions, check_positional, position_scheme
@@ -38,33 +39,29 @@ POOLING = ("mean", "cls")
 class EncoderOnlyConfig:
     """Defaults are BERT-base (Devlin et al. 2019, sec. 3); vocab_size comes from the tokenizer."""
 
-    vocab_size: int = 0
-    max_len: int = 512               # HF's max_position_embeddings: the learned position table
-    type_vocab_size: int = 2         # segments A and B
-    d_model: int = 768
-    n_heads: int = 12
-    d_ff: int = 3072
-    n_layers: int = 12
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
+    vocab_size: int = ranged(0, ge=0, note="0 = from the tokenizer")
+    max_len: int = ranged(512, ge=1)  # HF's max_position_embeddings: the learned position table
+    type_vocab_size: int = ranged(2, ge=1)  # segments A and B
+    d_model: int = ranged(768, ge=1)
+    n_heads: int = ranged(12, ge=1)
+    d_ff: int = ranged(3072, ge=1)
+    n_layers: int = ranged(12, ge=1)
+    dropout: float = ranged(0.1, ge=0.0, lt=1.0)
+    attn_dropout: float = ranged(0.1, ge=0.0, lt=1.0)
     activation: str = "gelu"
     norm: str = "layernorm"
     norm_first: bool = False
-    norm_eps: float = 1e-12
+    norm_eps: float = ranged(1e-12, gt=0.0)
     positional: str = "learned"
-    pad_id: int = 0
+    pad_id: int = ranged(0, ge=0)
     pooling: str = "mean"            # for SentenceEncoder / SequenceClassifier: "mean" or "cls"
-    n_classes: int = 0               # for SequenceClassifier
+    n_classes: int = ranged(0, ge=0, note="0 = from the labels")  # for SequenceClassifier
 
     def __post_init__(self):
+        check_ranges(self)
         check_positional(self.positional)
         if self.pooling not in POOLING:
             raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
-        for name in ("max_len", "type_vocab_size", "n_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_classes < 0:
-            raise ValueError(f"n_classes must be >= 0, got {self.n_classes}")
         BlockConfig.from_config(self)
 
 

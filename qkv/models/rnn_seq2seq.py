@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from qkv.attention import additive_attention, multiplicative_attention, scaled_dot_product_attention
 from qkv.blocks import layer_groups
+from qkv.config import check_ranges, ranged
 from qkv.masks import check_token_ids, padding_mask
 from qkv.record import AttentionRecord, layer_records
 
@@ -49,36 +50,32 @@ ATTENTIONS = ("none", "additive", "dot", "general", "scaled_dot")
 class RNNSeq2SeqConfig:
     """Vocabulary sizes and ids are filled in from the tokenizers by the task."""
 
-    src_vocab_size: int = 0
-    tgt_vocab_size: int = 0
+    src_vocab_size: int = ranged(0, ge=0, note="0 = from the tokenizer")
+    tgt_vocab_size: int = ranged(0, ge=0, note="0 = from the tokenizer")
     cell: str = "gru"                # "gru" or "lstm"
     attention: str = "additive"      # "none", "additive" (Bahdanau), "dot", "general" (Luong), "scaled_dot"
     feed_context: bool = False       # Bahdanau's placement: attend with s_{t-1}, feed c_t into the RNN
-    d_embed: int = 256
-    d_hidden: int = 512              # decoder width; the encoder has d_hidden/2 per direction
-    d_attention: int = 0             # additive attention's hidden size A; 0 = d_hidden
-    n_encoder_layers: int = 1
-    n_decoder_layers: int = 1
-    dropout: float = 0.2
+    d_embed: int = ranged(256, ge=1)
+    d_hidden: int = ranged(512, ge=2)  # decoder width; the encoder has d_hidden/2 per direction
+    d_attention: int = ranged(0, ge=0, note="0 = d_hidden")  # additive attention's hidden size A
+    n_encoder_layers: int = ranged(1, ge=1)
+    n_decoder_layers: int = ranged(1, ge=1)
+    dropout: float = ranged(0.2, ge=0.0, lt=1.0)
     share_embeddings: bool = False   # one embedding for both sides (needs a joint vocabulary)
     tie_output: bool = False         # W_out = the target embedding
-    max_len: int = 512               # unread by a recurrent model; qkv.tasks.translation still sets it
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    max_len: int = ranged(512, ge=1)  # unread by a recurrent model; qkv.tasks.translation still sets it
+    pad_id: int = ranged(0, ge=0)
+    bos_id: int = ranged(1, ge=0)
+    eos_id: int = ranged(2, ge=0)
 
     def __post_init__(self):
+        check_ranges(self)
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {self.attention!r}")
         if self.d_hidden % 2:
             raise ValueError(f"d_hidden={self.d_hidden} must be even (the encoder has d_hidden/2 per direction)")
-        for name in ("d_embed", "d_hidden", "n_encoder_layers", "n_decoder_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(f"share_embeddings needs one joint vocabulary, got src_vocab_size="
                              f"{self.src_vocab_size} and tgt_vocab_size={self.tgt_vocab_size}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qkv.blocks import BlockConfig, DecoderBlock, EncoderBlock, layer_groups
+from qkv.config import check_ranges, ranged
 from qkv.layers import StackCache, dropout, make_norm
 from qkv.losses import chunked_projection_cross_entropy
 from qkv.masks import check_token_ids
@@ -30,29 +31,30 @@ from qkv.unpad import Unpadded, worth_unpadding
 class TransformerConfig:
     """Defaults are the paper's base model (Table 3); vocab sizes and ids come from the tokenizer."""
 
-    src_vocab_size: int = 0
-    tgt_vocab_size: int = 0
-    d_model: int = 512
-    n_heads: int = 8
-    d_ff: int = 2048
-    n_encoder_layers: int = 6
-    n_decoder_layers: int = 6
-    n_kv_heads: int | None = None
-    dropout: float = 0.1
-    attn_dropout: float = 0.0
+    src_vocab_size: int = ranged(0, ge=0, note="0 = from the tokenizer")
+    tgt_vocab_size: int = ranged(0, ge=0, note="0 = from the tokenizer")
+    d_model: int = ranged(512, ge=1)
+    n_heads: int = ranged(8, ge=1)
+    d_ff: int = ranged(2048, ge=1)
+    n_encoder_layers: int = ranged(6, ge=1)
+    n_decoder_layers: int = ranged(6, ge=1)
+    n_kv_heads: int | None = ranged(None, ge=1)
+    dropout: float = ranged(0.1, ge=0.0, lt=1.0)
+    attn_dropout: float = ranged(0.0, ge=0.0, lt=1.0)
     activation: str = "relu"
     norm: str = "layernorm"
     norm_first: bool = False
     positional: str = "sinusoidal"
-    max_len: int = 512
+    max_len: int = ranged(512, ge=1)
     scale_embeddings: bool = True
     share_embeddings: bool = False
     tie_output: bool = True
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    pad_id: int = ranged(0, ge=0)
+    bos_id: int = ranged(1, ge=0)
+    eos_id: int = ranged(2, ge=0)
 
     def __post_init__(self):
+        check_ranges(self)
         check_positional(self.positional)
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.blocks import BlockConfig, EncoderBlock, encoder_block_inference, layer_groups
+from qkv.config import check_ranges, ranged
 from qkv.layers import make_norm
 from qkv.positional import sinusoidal_table
 from qkv.record import AttentionRecord, layer_records
@@ -53,36 +54,32 @@ PATCH_EMBED = ("conv", "linear")
 class ViTConfig:
     """Defaults are ViT-B/16 at 224 x 224 (Table 1); n_classes comes from the labels (0 = no head)."""
 
-    image_size: int = 224
-    channels: int = 3
-    patch_size: int = 16
-    d_model: int = 768
-    n_heads: int = 12
-    d_ff: int = 3072
-    n_layers: int = 12
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
+    image_size: int = ranged(224, ge=1)
+    channels: int = ranged(3, ge=1)
+    patch_size: int = ranged(16, ge=1)
+    d_model: int = ranged(768, ge=1)
+    n_heads: int = ranged(12, ge=1)
+    d_ff: int = ranged(3072, ge=1)
+    n_layers: int = ranged(12, ge=1)
+    dropout: float = ranged(0.0, ge=0.0, lt=1.0)
+    attn_dropout: float = ranged(0.0, ge=0.0, lt=1.0)
     activation: str = "gelu"
     norm: str = "layernorm"
-    norm_eps: float = 1e-6
+    norm_eps: float = ranged(1e-6, gt=0.0)
     positional: str = "learned"      # "learned" or "sinusoidal" (2-D)
     pooling: str = "cls"             # "cls" (class token) or "mean" (no class token; mean of the patches)
     patch_embed: str = "conv"        # "conv" or "linear": two computations of the same projection
-    n_classes: int = 0
+    n_classes: int = ranged(0, ge=0, note="0 = from the labels, or no head")
 
     def __post_init__(self):
+        check_ranges(self)
         for name, allowed in (("pooling", POOLING), ("positional", POSITIONAL), ("patch_embed", PATCH_EMBED)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("image_size", "channels", "patch_size", "n_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
         if self.positional == "sinusoidal" and self.d_model % 4:
             raise ValueError(f"d_model={self.d_model} must be divisible by 4 for 2-D sinusoidal positions")
-        if self.n_classes < 0:
-            raise ValueError(f"n_classes must be >= 0, got {self.n_classes}")
         BlockConfig.from_config(self, norm_first=True)
 
     @property
