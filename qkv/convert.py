@@ -498,7 +498,10 @@ def save_hf_vit(model: ViT, cfg: ViTConfig, folder: str | os.PathLike) -> Path:
 # permuted back from Marian's sin-then-cos layout to qkv's interleaved one).
 GPT2_LAYER = {"ln_1": "self_residual.norm", "attn.c_attn": "self_attn.qkv_proj", "attn.c_proj": "self_attn.out_proj",
               "ln_2": "ff_residual.norm", "mlp.c_fc": "ff.w_1", "mlp.c_proj": "ff.w_2"}
-GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+             "silu": "silu", "swish": "silu"}
+MARIAN_ACTS = {"relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "swish": "silu", "silu": "silu"}  # HF activation_function -> qkv's (opus-mt: swish)
 QKV_EPS = 1e-5  # the LayerNorm eps of qkv's DecoderOnly and Transformer blocks
 
 
@@ -517,24 +520,66 @@ def resolve_hf(source: str | os.PathLike) -> Path:
                               "or pass the folder") from None
 
 
-def _qkv_tokenizer(folder: Path, name: str = TOKENIZER):
-    """The folder's tokenizer.json as a qkv TextTokenizer (ids 0..3 pad, bos, eos, unk), padding and truncation off."""
+#: HF config field -> qkv tokenizer role, per model type; absent fields fall back as noted in _special_ids.
+SPECIAL_FIELDS = {"gpt2": {"pad": "pad_token_id", "bos": "bos_token_id", "eos": "eos_token_id"},
+                  "marian": {"pad": "pad_token_id", "bos": "decoder_start_token_id", "eos": "eos_token_id"}}
+
+
+def _special_ids(hf: dict, path: Path, kind: str) -> dict[str, int]:
+    """pad/bos/eos ids from the HF config: GPT-2's pad is its eos when unset (GPT-2 has no pad; qkv
+    masks padding, so any id serves); Marian's decoder starts at ``decoder_start_token_id`` (opus-mt: pad),
+    which is qkv's bos, the decoder's first input."""
+    fields = SPECIAL_FIELDS[kind]
+    ids = {}
+    for role in ("eos", "bos", "pad"):
+        name = fields[role]
+        fallback = {"pad": ids.get("eos") if kind == "gpt2" else None,
+                    "bos": ids.get("pad", hf.get("pad_token_id")) if kind == "marian" else None}.get(role)
+        ids[role] = _field(hf, path, name, int, fallback, minimum=0)
+    return ids
+
+
+def _unk_token(obj: dict) -> str | None:
+    """The tokenizers model's unknown token (BPE/WordPiece/WordLevel ``unk_token``, Unigram ``unk_id``)."""
+    model = obj.get("model") or {}
+    if model.get("unk_token") is not None:
+        return model["unk_token"]
+    if model.get("type") == "Unigram" and isinstance(model.get("unk_id"), int):
+        return model["vocab"][model["unk_id"]][0]
+    return None
+
+
+def _qkv_tokenizer(folder: Path, hf: dict, kind: str, name: str = TOKENIZER):
+    """The folder's tokenizer.json as a qkv TextTokenizer with the special ids of ``hf`` (the HF config),
+    padding and truncation off. unk is the tokenizer model's unknown token, or none (byte-level BPE)."""
     from tokenizers import Tokenizer
 
     from qkv.data.tokenizer import TextTokenizer
 
     path = folder / name
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found; qkv needs the tokenizer as a tokenizers JSON file")
+        raise CheckpointError(f"{path}: not found; qkv needs the tokenizer as a tokenizers JSON file (an opus-mt "
+                              "folder's SentencePiece files must be converted first: see docs/export.md)")
     try:
         tok = Tokenizer.from_file(str(path))
-        tok.no_padding()
-        tok.no_truncation()
-        return TextTokenizer(tok)
-    except DataError as err:
-        raise CheckpointError(f"{path}: {err} (qkv's text tokenizers keep pad, bos, eos, unk at ids 0..3)") from None
     except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception
         raise CheckpointError(f"{path}: not a valid tokenizers JSON file: {err}") from None
+    tok.no_padding()
+    tok.no_truncation()
+    ids = _special_ids(hf, _config_of(folder), kind)
+    unk = _unk_token(json.loads(path.read_text(encoding="utf-8")))
+    unk_id = tok.token_to_id(unk) if unk is not None else None
+    try:
+        return TextTokenizer(tok, pad_id=ids["pad"], bos_id=ids["bos"], eos_id=ids["eos"], unk_id=unk_id)
+    except DataError as err:
+        role = str(err).split(" must be the special ", 1)[-1].split(" ", 1)[0]
+        field = SPECIAL_FIELDS[kind].get(role, "the model's unk_token")
+        raise CheckpointError(f"{path}: {err}; it comes from {_config_of(folder)}'s {field}") from None
+
+
+def _config_of(folder: Path) -> Path:
+    """The config.json that describes a tokenizer folder (a Marian target_tokenizer/ is inside the model's)."""
+    return (folder.parent if folder.name == "target_tokenizer" else folder) / CONFIG
 
 
 def _check_ids(hf: dict, path: Path, tok, pairs: dict[str, str]) -> None:
@@ -597,12 +642,11 @@ def gpt2_state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg, path: Path) -
 
 def _marian_qkv_config(hf: dict, path: Path, src_tok, tgt_tok):
     """TransformerConfig of an HF MarianConfig dict; what qkv cannot compute is a CheckpointError naming the field."""
-    from qkv.export.hf import MARIAN_ACTIVATIONS
     from qkv.models.transformer import TransformerConfig
 
     if hf.get("model_type") != "marian":
         raise CheckpointError(f"{path}: model_type={hf.get('model_type')!r} is not 'marian'")
-    acts = {v: k for k, v in MARIAN_ACTIVATIONS.items()} | {"gelu_new": "gelu_tanh"}
+    acts = MARIAN_ACTS
     act = _field(hf, path, "activation_function", str, "gelu")
     if act not in acts:
         raise CheckpointError(f"{path}: activation_function={act!r} is not supported (qkv's feed-forward has "
@@ -714,9 +758,11 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     The run holds config.json (the task's config classes, training sections at their defaults),
     model.safetensors and the tokenizer files, so ``qkv.load``, ``qkv generate`` and ``qkv translate``
     work on it. Everything is read and checked before the first byte is written; ``out`` must be
-    new or empty (qkv.rundir). The tokenizers must be ``tokenizer.json`` files with qkv's special ids
-    (pad, bos, eos, unk at 0..3; a Marian with separate vocabularies keeps the target's in
-    ``target_tokenizer/``), which is what ``qkv export --format hf`` writes.
+    new or empty (qkv.rundir). The tokenizers must be ``tokenizer.json`` files (a Marian with
+    separate vocabularies keeps the target's in ``target_tokenizer/``, as ``qkv export --format hf``
+    writes it); their special ids come from the HF config (``_special_ids``: GPT-2's one
+    ``<|endoftext|>`` is bos, eos and pad; opus-mt's decoder starts at pad, which becomes qkv's bos)
+    and are saved beside the tokenizer when they are not qkv's 0..3 (qkv.data.tokenizer.specials_path).
     """
     from qkv.rundir import RunDir
 
@@ -755,7 +801,7 @@ def _import_gpt2(folder: Path, hf: dict):
     from qkv.models.decoder_only import DecoderOnly
     from qkv.tasks.lm import TOKENIZER as LM_TOKENIZER
 
-    tok = _qkv_tokenizer(folder)
+    tok = _qkv_tokenizer(folder, hf, "gpt2")
     cfg = gpt2_config_from_hf(hf, folder / CONFIG, tok)
     if tok.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{folder / TOKENIZER}: {tok.vocab_size} tokens, but vocab_size={cfg.vocab_size}")
@@ -768,9 +814,9 @@ def _import_marian(folder: Path, hf: dict):
     from qkv.models.transformer import Transformer
     from qkv.tasks.translation import SRC_TOKENIZER, TGT_TOKENIZER
 
-    src_tok = _qkv_tokenizer(folder)
+    src_tok = _qkv_tokenizer(folder, hf, "marian")
     separate = (folder / "target_tokenizer" / TOKENIZER).is_file()
-    tgt_tok = _qkv_tokenizer(folder / "target_tokenizer") if separate else src_tok
+    tgt_tok = _qkv_tokenizer(folder / "target_tokenizer", hf, "marian") if separate else src_tok
     cfg = _marian_qkv_config(hf, folder / CONFIG, src_tok, tgt_tok)
     for name, tok, size in ((TOKENIZER, src_tok, cfg.src_vocab_size), (TOKENIZER, tgt_tok, cfg.tgt_vocab_size)):
         if tok.vocab_size != size:

@@ -256,12 +256,18 @@ class MultiHeadAttention(nn.Module):
         return self.output(heads, unpadded=unpadded)
 
 
+FF_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+                  "silu": nn.SiLU, "swish": nn.SiLU}
+"""FeedForward's activations; ``swish`` is ``silu``'s other name (Marian's, the opus-mt models')."""
+
+
 class FeedForward(nn.Module):
-    """Sec. 3.3, Eq. 2: FFN(x) = max(0, x W_1 + b_1) W_2 + b_2 (ReLU as in the paper, or GELU)."""
+    """Sec. 3.3, Eq. 2: FFN(x) = max(0, x W_1 + b_1) W_2 + b_2 (ReLU as in the paper, or GELU, or
+    SiLU/Swish x * sigmoid(x), Ramachandran et al. 2017, as in Marian's opus-mt models)."""
 
     def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        activations = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+        activations = FF_ACTIVATIONS
         if activation not in activations:
             raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
         self.w_1 = nn.Linear(d_model, d_ff, bias=bias)
@@ -295,7 +301,7 @@ def dropout(p: float) -> nn.Module:
 
 
 def make_feedforward(d_model: int, d_ff: int, *, activation: str, dropout: float, bias: bool) -> nn.Module:
-    """'relu' | 'gelu' | 'gelu_tanh' -> FeedForward; 'swiglu' -> SwiGLU."""
+    """'relu' | 'gelu' | 'gelu_tanh' | 'silu' (alias 'swish') -> FeedForward; 'swiglu' -> SwiGLU."""
     if activation == "swiglu":
         return SwiGLU(d_model, d_ff, dropout=dropout, bias=bias)
     return FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias)

@@ -2,7 +2,8 @@
 
 Both share one interface: ``encode(text, *, add_bos, add_eos)``, ``encode_batch``,
 ``decode(ids)`` (stops at eos, skips specials), ``vocab_size``, ``pad_id/bos_id/eos_id/unk_id``,
-``save(path)`` and ``load(path)``. Special ids are fixed: pad=0, bos=1, eos=2 (and unk=3 for BPE).
+``save(path)`` and ``load(path)``. Special ids: pad=0, bos=1, eos=2 (and unk=3 for BPE) unless a
+TextTokenizer is given others (an imported GPT-2 or opus-mt vocabulary: see ``TextTokenizer``).
 
 BPE follows the paper's setup (sec. 5.1: byte-pair encoding, a shared source-target vocabulary
 for English-German): NFC normalisation, a Metaspace pre-tokenizer that turns spaces into ``▁``
@@ -32,17 +33,50 @@ CHAR_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 _CHAR_FORMAT = "qkv.CharTokenizer"
 
 
+ROLES = ("pad", "bos", "eos", "unk")
+_SPECIALS_FORMAT = "qkv.TokenizerSpecials"
+
+
+def specials_path(path: str | os.PathLike) -> Path:
+    """Where a TextTokenizer file's special-id sidecar lives: ``tokenizer.json`` -> ``tokenizer.specials.json``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.specials.json")
+
+
 class TextTokenizer:
-    """A trained HF ``tokenizers.Tokenizer`` whose ids 0..3 are pad, bos, eos, unk."""
+    """A trained HF ``tokenizers.Tokenizer`` and the ids of its pad, bos, eos and unk tokens.
 
-    pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+    By default they are ids 0..3 (what ``train_bpe`` makes). Other vocabularies name their own:
+    GPT-2's byte-level BPE has one special, ``<|endoftext|>`` (its last id), which is bos, eos and
+    pad (a decoder-only model never attends to padding: generation masks it) with no unk (bytes are
+    never unknown): ``TextTokenizer(tok, pad_id=50256, bos_id=50256, eos_id=50256, unk_id=None)``.
+    opus-mt has ``</s>`` = 0, ``<unk>`` = 1, ``<pad>`` = its last id and starts the decoder at pad, so
+    bos = pad. Each id must be a special (added) token. ``save`` writes non-default ids to a sidecar,
+    ``specials_path(path)``, which ``load`` reads; without one the ids are 0..3, as always.
+    """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, pad_id: int = PAD_ID, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
+                 unk_id: int | None = UNK_ID) -> None:
         specials = tokenizer.get_added_tokens_decoder()
-        for role, i in (("pad", PAD_ID), ("bos", BOS_ID), ("eos", EOS_ID), ("unk", UNK_ID)):
-            if i not in specials or not specials[i].special:
-                raise DataError(f"tokenizer: id {i} must be the special {role} token, got {tokenizer.id_to_token(i)!r}")
+        ids = {"pad": pad_id, "bos": bos_id, "eos": eos_id, "unk": unk_id}
+        for role, i in ids.items():
+            if i is None and role == "unk":
+                continue
+            if not isinstance(i, int) or isinstance(i, bool) or i not in specials or not specials[i].special:
+                token = tokenizer.id_to_token(i) if isinstance(i, int) else None
+                raise DataError(f"tokenizer: id {i!r} must be the special {role} token ({role}_id), got {token!r}")
         self.tokenizer = tokenizer
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = pad_id, bos_id, eos_id, unk_id
+
+    @property
+    def special_ids(self) -> dict[str, int | None]:
+        """Role -> id: {"pad": ..., "bos": ..., "eos": ..., "unk": ... or None}."""
+        return {role: getattr(self, f"{role}_id") for role in ROLES}
+
+    @property
+    def default_specials(self) -> bool:
+        """True when pad, bos, eos, unk are ids 0..3 (no sidecar is written)."""
+        return self.special_ids == dict(zip(ROLES, (PAD_ID, BOS_ID, EOS_ID, UNK_ID)))
 
     @property
     def vocab_size(self) -> int:
@@ -71,12 +105,22 @@ class TextTokenizer:
         return self.tokenizer.token_to_id(token)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer JSON (HF format, loadable by ``tokenizers.Tokenizer.from_file``) atomically."""
+        """Write the tokenizer JSON (HF format, loadable by ``tokenizers.Tokenizer.from_file``) atomically,
+        and, when the special ids are not 0..3, their sidecar (``specials_path``) before it."""
+        sidecar = specials_path(path)
+        if not self.default_specials:
+            roles = {role: None if i is None else {"id": i, "token": self.tokenizer.id_to_token(i)}
+                     for role, i in self.special_ids.items()}
+            obj = {"type": _SPECIALS_FORMAT, "version": 1, **roles}
+            atomic_write_text(sidecar, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+        elif _is_specials_file(sidecar):  # a sidecar qkv wrote for another vocabulary: it no longer applies
+            sidecar.unlink()
         atomic_write_text(path, self.tokenizer.to_str())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TextTokenizer:
-        """Read a tokenizer saved by ``save``; DataError names the file when it is missing or wrong."""
+        """Read a tokenizer saved by ``save`` (and its sidecar, when there is one); DataError names the
+        file when it is missing or wrong."""
         text, obj = _read_json(path)
         if isinstance(obj, dict) and obj.get("type") == _CHAR_FORMAT:
             raise DataError(f"{path}: is a CharTokenizer file; use CharTokenizer.load or load_tokenizer")
@@ -86,13 +130,49 @@ class TextTokenizer:
             tokenizer = Tokenizer.from_str(text)
         except Exception as e:  # the Rust library raises a bare Exception
             raise DataError(f"{path}: not a valid tokenizers JSON file: {e}") from None
+        ids = _read_specials(specials_path(path), tokenizer)
         try:
-            return cls(tokenizer)
+            return cls(tokenizer, **ids)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
 
     def __repr__(self) -> str:
-        return f"TextTokenizer(vocab_size={self.vocab_size})"
+        specials = "" if self.default_specials else f", specials={self.special_ids}"
+        return f"TextTokenizer(vocab_size={self.vocab_size}{specials})"
+
+
+def _is_specials_file(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("type") == _SPECIALS_FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _read_specials(path: Path, tokenizer: Tokenizer) -> dict[str, int | None]:
+    """``{pad_id: .., bos_id: .., eos_id: .., unk_id: ..}`` from a sidecar; {} (ids 0..3) when there is none.
+
+    Each role's id must still hold the token the sidecar names (a sidecar of another vocabulary is refused).
+    """
+    if not path.exists():
+        return {}
+    _, obj = _read_json(path)
+    if not isinstance(obj, dict) or obj.get("type") != _SPECIALS_FORMAT:
+        raise DataError(f'{path}: not a special-token file (no "type": "{_SPECIALS_FORMAT}")')
+    ids = {}
+    for role in ROLES:
+        entry = obj.get(role)
+        if entry is None and role == "unk":
+            ids["unk_id"] = None
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+            raise DataError(f'{path}: "{role}" must be {{"id": int, "token": str}}, got {entry!r}')
+        if tokenizer.id_to_token(entry["id"]) != entry.get("token"):
+            raise DataError(f"{path}: {role} is {entry.get('token')!r} at id {entry['id']}, but the tokenizer has "
+                            f"{tokenizer.id_to_token(entry['id'])!r} there (the files belong to different vocabularies)")
+        ids[f"{role}_id"] = entry["id"]
+    return ids
 
 
 def train_bpe(

@@ -39,7 +39,8 @@ CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json
 #: b = 0 and the classifier scaled by 1/EPS (a power of two: both products are exact), tanh(EPS h)
 #: = EPS h (1 - (EPS h)^2 / 3 + ...) equals EPS h to float32 precision for |h| < 2^4.
 EPS = 2.0 ** -16
-MARIAN_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+MARIAN_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "swish",
+                      "swish": "swish"}  # qkv -> HF activation_function (Marian calls SiLU swish)
 GPT2_ACTIVATIONS = MARIAN_ACTIVATIONS
 
 
@@ -142,7 +143,7 @@ def check_marian(cfg) -> None:
     if cfg.d_model % 2:
         wrong["d_model"] = cfg.d_model
     refuse("Marian", wrong, "norm_first=false, norm=layernorm, positional=sinusoidal, activation relu|gelu|"
-                            "gelu_tanh, n_kv_heads unset, even d_model, like configs/paper-base.yaml")
+                            "gelu_tanh|silu, n_kv_heads unset, even d_model, like configs/paper-base.yaml")
 
 
 def marian_config(cfg) -> dict:
@@ -256,7 +257,7 @@ def lm_layout(cfg) -> str:
             wrong["activation"] = cfg.activation
         if cfg.n_kv_heads not in (None, cfg.n_heads):
             wrong["n_kv_heads"] = cfg.n_kv_heads
-        refuse("GPT-2", wrong, "norm_first=true, norm=layernorm, activation gelu|gelu_tanh|relu, bias=true, "
+        refuse("GPT-2", wrong, "norm_first=true, norm=layernorm, activation gelu|gelu_tanh|relu|silu, bias=true, "
                                "n_kv_heads unset (with positional=learned), like configs/shakespeare-char.yaml")
         return "gpt2"
     if cfg.positional == "rope":
