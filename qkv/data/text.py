@@ -43,7 +43,9 @@ def read_lines(path: str | os.PathLike, *, max_chars: int | None = None, allow_e
         with open(path, "rb") as f:
             return list(iter_lines(f, name=str(path), max_chars=max_chars, allow_empty=allow_empty))
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        from qkv.data.fetch import missing_file_hint  # fetch reads through this module
+
+        raise DataError(f"{path}: no such file{missing_file_hint(path)}") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a text file") from None
     except OSError as e:
