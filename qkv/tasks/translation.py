@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qkv.config import check_ranges, ranged
 from qkv.data.batching import collate_pairs, token_batches
 from qkv.data.parallel import ParallelCorpus, read_parallel, read_parallel_tsv
 from qkv.data.tokenizer import TextTokenizer, train_translation_tokenizers
@@ -41,17 +42,18 @@ class TranslationData:
     tsv_valid: str | None = None
     src_column: str = "src"
     tgt_column: str = "tgt"
-    vocab_size: int = 8000
+    vocab_size: int = ranged(8000, ge=1)
     joint_vocab: bool = True         # one BPE vocabulary for both languages (needed to share embeddings)
-    min_frequency: int = 2
-    max_tokens: int = 4096           # tokens per batch and side, padding included
-    max_len: int = 256               # tokens per sentence; longer ones follow on_long
+    min_frequency: int = ranged(2, ge=1)
+    max_tokens: int = ranged(4096, ge=2)  # tokens per batch and side, padding included
+    max_len: int = ranged(256, ge=1)  # tokens per sentence; longer ones follow on_long
     on_long: str = "error"           # "error" (names the line), "skip" or "truncate"
-    max_chars: int = 4096            # longer lines are reported before tokenising
+    max_chars: int = ranged(4096, ge=1)  # longer lines are reported before tokenising
     skip_empty: bool = False         # drop pairs with an empty side (counted) instead of failing
-    bleu_sentences: int = 0          # validation sentences translated for BLEU during training; 0 = all
+    bleu_sentences: int = ranged(0, ge=0, note="0 = all")  # validation sentences translated for BLEU in training
 
     def __post_init__(self):
+        check_ranges(self)
         if self.on_long not in ("error", "skip", "truncate"):
             raise ValueError(f"on_long must be 'error', 'skip' or 'truncate', got {self.on_long!r}")
         if self.max_tokens < self.max_len + 1:
@@ -62,11 +64,14 @@ class TranslationData:
 class TranslationDecode:
     """Sec. 6.1: beam size 4, length penalty alpha = 0.6, maximum output length input + 50."""
 
-    beam_size: int = 4
-    length_penalty: float = 0.6
-    max_len_b: int = 50
-    batch_size: int = 64
-    eval_beam_size: int = 1          # beam used for BLEU during training (1 = greedy, fast)
+    beam_size: int = ranged(4, ge=1)
+    length_penalty: float = ranged(0.6, ge=0.0, le=5.0)  # alpha of ((5 + |Y|) / 6)^alpha (GNMT); 0 = none
+    max_len_b: int = ranged(50, ge=0)
+    batch_size: int = ranged(64, ge=1)
+    eval_beam_size: int = ranged(1, ge=1)  # beam used for BLEU during training (1 = greedy, fast)
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def split_files(data: TranslationData, split: str) -> tuple[str, str]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qkv.config import write_json
+from qkv.config import check_ranges, ranged, write_json
 from qkv.data.classification import class_balanced_batches, sentence_batches
 from qkv.data.images import (
     ImageSet,
@@ -64,33 +64,25 @@ class ImageData:
 
     source: str = "digits"           # "digits", "mnist5k", an .npz (x, y) or a folder of class subfolders
     resize: bool = True              # resize / convert images of another size or channel count (else an error)
-    valid_fraction: float = 0.1      # per class, stratified
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    cv_folds: int = 0                # K >= 2: K-fold cross-validation of the non-test images (qkv cv) ...
-    cv_fold: int = 0                 # ... holding out this fold as the validation set
+    valid_fraction: float = ranged(0.1, ge=0.0, lt=1.0)  # per class, stratified
+    test_fraction: float = ranged(0.2, ge=0.0, lt=1.0)
+    split_seed: int = ranged(0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
+    cv_folds: int = ranged(0, ge=0, note="0 = off, else >= 2")  # K >= 2: K-fold CV of the non-test images (qkv cv) ...
+    cv_fold: int = ranged(0, ge=0)   # ... holding out this fold as the validation set
     train_on_valid: bool = False     # the validation images join training (a final fit; nothing to evaluate)
-    batch_size: int = 64
-    eval_batch_size: int = 500
-    shift: float = 0.0               # augmentation: random shift of up to this many pixels
-    rotate: float = 0.0              # ... rotation of up to this many degrees
-    scale: float = 0.0               # ... zoom by a factor in [1 - scale, 1 + scale]
+    batch_size: int = ranged(64, ge=1)
+    eval_batch_size: int = ranged(500, ge=1)
+    shift: float = ranged(0.0, ge=0.0)  # augmentation: random shift of up to this many pixels
+    rotate: float = ranged(0.0, ge=0.0, le=180.0)  # ... rotation of up to this many degrees
+    scale: float = ranged(0.0, ge=0.0, lt=1.0)  # ... zoom by a factor in [1 - scale, 1 + scale]
     svm_baseline: bool = False       # fit an RBF SVM on the same split and write baseline.json
 
     def __post_init__(self):
-        if not (0.0 <= self.valid_fraction < 1.0 and 0.0 <= self.test_fraction < 1.0
-                and self.valid_fraction + self.test_fraction < 1.0):
+        check_ranges(self)
+        if self.valid_fraction + self.test_fraction >= 1.0:
             raise ValueError(f"valid_fraction={self.valid_fraction} and test_fraction={self.test_fraction} must be "
                              "in [0, 1) and leave images for training")
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_folds(self.cv_folds, self.cv_fold, self.train_on_valid)
-        for name in ("shift", "rotate", "scale"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.scale >= 1:
-            raise ValueError(f"scale must be < 1, got {self.scale}")
 
 
 @dataclass(frozen=True)
@@ -98,10 +90,10 @@ class ImageEmbeddingData(ImageData):
     """The images, plus the metric-learning objective (as the text ``embedding`` task's)."""
 
     loss: str = "batch_hard"
-    margin: float = 0.3
+    margin: float = ranged(0.3, ge=0.0)
     distance: str = "cosine"
-    temperature: float = 0.1
-    samples_per_class: int = 8       # K >= 2: "PK" batches (Hermans et al.); 0 = shuffled
+    temperature: float = ranged(0.1, gt=0.0)
+    samples_per_class: int = ranged(8, ge=0, note="0 = shuffled, else >= 2")  # K >= 2: "PK" batches (Hermans et al.)
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,8 +104,11 @@ class ImageEmbeddingData(ImageData):
 class ImageDecode:
     """Defaults for ``qkv classify --image`` / ``qkv evaluate`` / ``qkv attention``."""
 
-    batch_size: int = 256
+    batch_size: int = ranged(256, ge=1)
     tta: bool = False                # classify/evaluate: average over the image and its 4 one-pixel shifts
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
