@@ -807,7 +807,7 @@ def _import_gpt2(folder: Path, hf: dict):
         raise CheckpointError(f"{folder / TOKENIZER}: {tok.vocab_size} tokens, but vocab_size={cfg.vocab_size}")
     model = DecoderOnly(cfg)
     model.load_state_dict(gpt2_state_dict_from_hf(read_weights(folder / WEIGHTS), cfg, folder / WEIGHTS))
-    return model, _run_config(cfg), {LM_TOKENIZER: tok}
+    return model, _run_config(cfg, tokenizer="bpe", vocab_size=tok.vocab_size), {LM_TOKENIZER: tok}
 
 
 def _import_marian(folder: Path, hf: dict):
@@ -823,4 +823,5 @@ def _import_marian(folder: Path, hf: dict):
             raise CheckpointError(f"{folder / name}: {tok.vocab_size} tokens, but the config has {size}")
     model = Transformer(cfg)
     model.load_state_dict(marian_state_dict_from_hf(read_weights(folder / WEIGHTS), model, folder / WEIGHTS))
-    return model, _run_config(cfg, joint_vocab=not separate), {SRC_TOKENIZER: src_tok, TGT_TOKENIZER: tgt_tok}
+    data = dict(joint_vocab=not separate, vocab_size=tgt_tok.vocab_size)
+    return model, _run_config(cfg, **data), {SRC_TOKENIZER: src_tok, TGT_TOKENIZER: tgt_tok}

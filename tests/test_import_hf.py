@@ -145,3 +145,156 @@ def test_hub_ids_resolve_through_the_local_cache_only(gpt2, tmp_path, monkeypatc
     (repo / "refs" / "main").write_text(commit)
     assert resolve_hf("someone/tiny-gpt2") == repo / "snapshots" / commit
     assert qkv.load(import_hf("someone/tiny-gpt2", tmp_path / "run")).kind == "language-model"
+
+
+# -- the real checkpoints' layouts: GPT-2's one <|endoftext|>, opus-mt's </s>=0, <unk>=1, <pad>=last ------------
+def _gpt2_tokenizer():
+    """Byte-level BPE with no special token but <|endoftext|>, the last id (as in GPT-2's 50257)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def _opus_tokenizer():
+    """A SentencePiece-style Unigram with opus-mt's ids: </s>=0, <unk>=1, <pad>=last; sources end in </s>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator([TEXT, "not to be"], trainers.UnigramTrainer(
+        vocab_size=60, special_tokens=["</s>", "<unk>"], unk_token="<unk>", show_progress=False))
+    tok.add_special_tokens(["<pad>"])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 0)])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def real_gpt2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("real-gpt2")
+    tok = _gpt2_tokenizer()
+    end = tok.token_to_id("<|endoftext|>")
+    assert end == tok.get_vocab_size() - 1
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                         unk_token="<|endoftext|>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=end + 1, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=end, eos_token_id=end)  # GPT-2's: no pad_token_id
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return folder, model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def real_marian(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("real-marian")
+    tok = _opus_tokenizer()
+    pad = tok.get_vocab_size() - 1
+    assert (tok.token_to_id("</s>"), tok.token_to_id("<unk>"), tok.token_to_id("<pad>")) == (0, 1, pad)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                         clean_up_tokenization_spaces=False).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.MarianConfig(  # opus-mt-en-de's layout, tiny
+        vocab_size=pad + 1, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        activation_function="swish", scale_embedding=True, pad_token_id=pad, eos_token_id=0, bos_token_id=0,
+        decoder_start_token_id=pad, forced_eos_token_id=0)
+    model = transformers.MarianMTModel(config).eval()
+    model.save_pretrained(folder)
+    return folder, model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_real_gpt2_layout_imports_with_endoftext_as_bos_eos_and_pad(real_gpt2, tmp_path, capsys):
+    from qkv.data.tokenizer import TextTokenizer, specials_path
+    from qkv.generate import SamplingConfig, generate_ids
+
+    folder, hf, hf_tok = real_gpt2
+    run_dir = import_hf(folder, tmp_path / "run")
+    end = hf.config.eos_token_id
+    assert specials_path(run_dir / "tokenizer.json").is_file()
+    tok = TextTokenizer.load(run_dir / "tokenizer.json")
+    assert tok.special_ids == {"pad": end, "bos": end, "eos": end, "unk": None}
+    run = qkv.load(run_dir)
+    assert (run.cfg.model.pad_id, run.cfg.model.bos_id, run.cfg.model.eos_id) == (end, end, end)
+    prompt = SENTENCES[0]
+    ids = run.artifacts.encode(prompt)
+    assert ids == hf_tok(prompt).input_ids
+    x = torch.tensor([ids])  # (1, T)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(x), hf(x).logits, atol=1e-4, rtol=0)
+        # qkv's generate never samples pad, here <|endoftext|>: HF is told the same
+        theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=1, max_new_tokens=12,
+                             suppress_tokens=[run.cfg.model.pad_id], pad_token_id=end)[0]
+    ours = generate_ids(run.model, [ids], SamplingConfig(max_new_tokens=12, temperature=0))[0]
+    assert ours == theirs[len(ids):].tolist()
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == hf_tok.decode(theirs, skip_special_tokens=True)
+
+
+def test_left_padding_with_pad_equal_to_eos_leaves_each_prompt_as_alone(real_gpt2, tmp_path):
+    folder, _, _ = real_gpt2
+    run = qkv.load(import_hf(folder, tmp_path / "run"))
+    prompts = ["To be", "that is the question, or not"]
+    together = run.generate(prompts, max_new_tokens=6, temperature=0)
+    assert together == [run.generate([p], max_new_tokens=6, temperature=0)[0] for p in prompts]
+
+
+def test_real_marian_layout_imports_swish_and_opus_special_ids(real_marian, tmp_path, capsys):
+    from qkv.decode import greedy_decode
+
+    folder, hf, hf_tok = real_marian
+    pad = hf.config.pad_token_id
+    run_dir = import_hf(folder, tmp_path / "run")
+    run = qkv.load(run_dir)
+    src_tok, tgt_tok = run.artifacts
+    assert run.cfg.model.activation == "silu"
+    assert tgt_tok.special_ids == {"pad": pad, "bos": pad, "eos": 0, "unk": 1}
+    assert (run.cfg.model.pad_id, run.cfg.model.bos_id, run.cfg.model.eos_id) == (pad, pad, 0)
+    batch = hf_tok(SENTENCES, return_tensors="pt", padding=True)  # tokens + </s>, right-padded with <pad>
+    for row, sentence in zip(batch.input_ids.tolist(), SENTENCES):
+        assert [t for t in row if t != pad] == src_tok.encode(sentence) + [src_tok.eos_id]
+    tgt = torch.tensor([[pad] + tgt_tok.encode("not to be")] * len(SENTENCES))  # (B, T): starts at pad
+    with torch.no_grad():
+        theirs = hf(**batch, decoder_input_ids=tgt).logits
+        torch.testing.assert_close(run.model(batch.input_ids, tgt), theirs, atol=1e-4, rtol=0)
+    limits = [len(src_tok.encode(s)) + run.cfg.decode.max_len_b for s in SENTENCES]  # qkv translate's length limit
+    want = []
+    for i, sentence in enumerate(SENTENCES):
+        one = hf_tok([sentence], return_tensors="pt")
+        with torch.no_grad():  # opus-mt forces </s> at max_length; qkv's limit counts tokens without it
+            out = hf.generate(**one, do_sample=False, num_beams=1, max_new_tokens=limits[i], forced_eos_token_id=None,
+                              suppress_tokens=[pad])[0, 1:].tolist()
+        assert greedy_decode(run.model, one.input_ids)[0] == (out[:out.index(0)] if 0 in out else out)
+        want.append(hf_tok.decode(out, skip_special_tokens=True))
+    assert run.translate(SENTENCES, beam=1) == want
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
+    capsys.readouterr()
+    assert main(["translate", str(run_dir), "--input", str(tmp_path / "in.txt"), "--beam", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == want
+
+
+def test_a_sidecar_of_another_vocabulary_is_refused(real_gpt2, tmp_path):
+    import shutil
+
+    from qkv.errors import DataError
+
+    run_dir = import_hf(real_gpt2[0], tmp_path / "run")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(run_dir / "tokenizer.specials.json", other / "tokenizer.specials.json")
+    train_bpe([TEXT], 120, byte_level=True).save(other / "tokenizer.json")
+    assert (other / "tokenizer.specials.json").exists() is False  # default ids: save removes qkv's stale sidecar
+    shutil.copy(run_dir / "tokenizer.specials.json", other / "tokenizer.specials.json")
+    from qkv.data.tokenizer import TextTokenizer
+
+    with pytest.raises(DataError, match=r"tokenizer.specials.json: pad is '<\|endoftext\|>' at id \d+, but the "
+                                        r"tokenizer has None there"):
+        TextTokenizer.load(other / "tokenizer.json")
