@@ -42,6 +42,7 @@ class LMData:
     batch_size: int = ranged(64, ge=1)
     eval_batches: int = ranged(200, ge=1)  # random validation blocks averaged per evaluation (nanoGPT's eval_iters)
     batches_per_epoch: int = ranged(1000, ge=1)  # random batches drawn per 'epoch' (only names the sampling stream)
+    init_from: str | None = None     # a run directory (lm) whose weights and tokenizer this run starts from
 
     def __post_init__(self):
         check_ranges(self)
@@ -63,10 +64,14 @@ class LMTask:
         data = cfg.data
         text = read_texts(data.train)
         valid_text = read_text(data.valid) if data.valid else None
+        self.init_from = None if resume else data.init_from  # weights loaded by build_model, fresh runs only
         if resume:
             self.tokenizer = load_tokenizer(RunDir(run_dir).file(TOKENIZER))
         else:
-            self.tokenizer = build_tokenizer(data, text, valid_text)
+            if data.init_from is not None:  # the source's architecture and tokenizer (qkv.tasks.init_from)
+                cfg = start_from(cfg)
+            self.tokenizer = (load_artifacts(cfg, data.init_from) if data.init_from is not None
+                              else build_tokenizer(data, text, valid_text))
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(RunDir(run_dir).file(TOKENIZER))
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
@@ -87,7 +92,13 @@ class LMTask:
                  len(self.valid_ids), t.vocab_size)
 
     def build_model(self) -> DecoderOnly:
-        return DecoderOnly(self.cfg.model)
+        """The run's model; a fresh run with ``data.init_from`` starts from the source run's weights."""
+        model = DecoderOnly(self.cfg.model)
+        if self.init_from is not None:
+            from qkv.tasks.init_from import load_source_weights
+
+            load_source_weights(model, self.init_from)
+        return model
 
     def train_batches(self, epoch: int, *, rank: int, world_size: int) -> RandomBlocks:
         d = self.cfg.data  # the epoch's batches_per_epoch batches dealt out to the ranks (rounded up)
@@ -109,6 +120,16 @@ class LMTask:
             total += float(loss)
         loss = total / len(self.valid_blocks)
         return {"loss": loss, **text_scores(loss, self.tokenizer, chars_per_token=self.chars_per_token)}
+
+
+def start_from(cfg):
+    """``cfg`` with the model section of the ``data.init_from`` run (ConfigError naming what differs)."""
+    from qkv.tasks.init_from import model_from_source, read_source
+
+    source = read_source(cfg.data.init_from, "lm")
+    model = model_from_source(cfg, source, init_from=cfg.data.init_from, vocab_fields=("tokenizer", "vocab_size"))
+    return replace(cfg, model=model, data=replace(cfg.data, tokenizer=source.data.tokenizer,
+                                                  vocab_size=source.data.vocab_size))
 
 
 def text_scores(loss: float, tokenizer, *, chars_per_token: float) -> dict[str, float]:

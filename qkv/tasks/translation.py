@@ -51,6 +51,7 @@ class TranslationData:
     max_chars: int = ranged(4096, ge=1)  # longer lines are reported before tokenising
     skip_empty: bool = False         # drop pairs with an empty side (counted) instead of failing
     bleu_sentences: int = ranged(0, ge=0, note="0 = all")  # validation sentences translated for BLEU in training
+    init_from: str | None = None     # a translation run directory whose weights and tokenizers this run starts from
 
     def __post_init__(self):
         check_ranges(self)
@@ -148,11 +149,16 @@ class TranslationTask:
         data = cfg.data
         train = read_split(data, "train")
         valid = read_split(data, "valid")
+        self.init_from = None if resume else data.init_from  # weights loaded by build_model, fresh runs only
         if resume:
             self.src_tok, self.tgt_tok = load_tokenizers(run_dir)
+        elif data.init_from is not None:  # the source's architecture and tokenizers (qkv.tasks.init_from)
+            cfg = start_from(cfg)
+            self.src_tok, self.tgt_tok = load_tokenizers(Path(data.init_from), model=cfg.model)
         else:
             self.src_tok, self.tgt_tok = train_translation_tokenizers(
                 train.pairs, data.vocab_size, joint=data.joint_vocab, min_frequency=data.min_frequency)
+        if not resume:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.src_tok.save(RunDir(run_dir).file(SRC_TOKENIZER))
             self.tgt_tok.save(RunDir(run_dir).file(TGT_TOKENIZER))
@@ -164,7 +170,13 @@ class TranslationTask:
                  len(self.valid_ids), self.src_tok.vocab_size, self.tgt_tok.vocab_size)
 
     def build_model(self) -> Transformer:
-        return Transformer(self.cfg.model)
+        """The run's model; a fresh run with ``data.init_from`` starts from the source run's weights."""
+        model = Transformer(self.cfg.model)
+        if self.init_from is not None:
+            from qkv.tasks.init_from import load_source_weights
+
+            load_source_weights(model, self.init_from)
+        return model
 
     def _batches(self, pairs, *, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> list[dict]:
         lengths = [(len(s), len(t) + 1) for s, t in pairs]
@@ -204,6 +216,16 @@ class TranslationTask:
                          length_penalty=d.length_penalty, batch_size=d.batch_size, device=device)
         score = bleu(hyps, self.valid.tgt[:n_bleu])
         return {"loss": total / max(tokens, 1), "bleu": score["score"]}
+
+
+def start_from(cfg):
+    """``cfg`` with the model section of the ``data.init_from`` run (ConfigError naming what differs)."""
+    from qkv.tasks.init_from import model_from_source, read_source
+
+    source = read_source(cfg.data.init_from, "translation")
+    model = model_from_source(cfg, source, init_from=cfg.data.init_from, vocab_fields=("vocab_size", "joint_vocab"))
+    return replace(cfg, model=model, data=replace(cfg.data, vocab_size=source.data.vocab_size,
+                                                  joint_vocab=source.data.joint_vocab))
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, *, pad_id: int,
