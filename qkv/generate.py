@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkv.config import ranged
+from qkv.config import check_ranges, ranged
 from qkv.decode import inference
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,8 @@ class SamplingConfig:
     window_stride: int | None = ranged(None, ge=1)  # dropped per re-prefill past block_size; None = block_size // 4
 
     def __post_init__(self):
-        # typed checks for values given in Python; the ranges are the fields' (qkv.config.ranged), which
-        # from_dict checks for a config file (tests/test_config_ranges.py holds the two to the same bounds)
+        # typed checks for values given in Python (the CLI shows them as --flag messages), then the
+        # fields' declared ranges (qkv.config.ranged: finite floats), which from_dict checks for a file
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
@@ -74,6 +74,7 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
         if self.window_stride is not None and (not isinstance(self.window_stride, int) or self.window_stride < 1):
             raise ValueError(f"window_stride must be an int >= 1 or None, got {self.window_stride!r}")
+        check_ranges(self)
 
 
 # --- choosing one token ---------------------------------------------------------------------------

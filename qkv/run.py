@@ -116,7 +116,10 @@ def train_run(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, resu
     """Read the data, build the model, train, and leave a complete run directory behind.
 
     A new run needs a new or empty folder (or one qkv created: see qkv.rundir); the folder is
-    created with its marker, and its lock is held until training ends. ``resume`` continues the
+    created with its marker, and its lock is held until training ends. If a new run fails before
+    training starts (bad data, a config that makes no model), what qkv created is removed again:
+    the folder if it was new, else only the files it added, so the corrected rerun is accepted.
+    ``resume`` continues the
     run from its newest good checkpoint; the stored config, the overrides in ``cfg``, the
     tokenizers and the checkpoint (weight shapes, training state, metrics.jsonl) are all checked
     before anything is written. With no checkpoint to resume from, ``resume`` refuses unless
@@ -129,39 +132,62 @@ def train_run(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, resu
 
     world = world or distributed.World()
     run = RunDir(run_dir)
-    created = False
     if resume and not run.config.exists():
         raise CheckpointError(f"{run.path}: nothing to resume (no {ckpt.CONFIG})")
-    if not resume:
-        created = run.prepare_new()
+    kept = None if resume else _existing_entries(run)  # a new run: what was there before is never removed
     distributed.barrier()  # every rank has checked run_dir before rank 0 writes into it
+    trainer = None
     try:
         if world.is_main and not resume:
             run.create()  # the marker first: from now on the folder is qkv's
         with run.lock() if world.is_main else contextlib.nullcontext():
-            return _train_locked(cfg, run, device=device, resume=resume, restart=restart, progress=progress,
-                                 world=world)
+            trainer = _set_up(cfg, run, device=device, resume=resume, restart=restart, progress=progress, world=world)
+            return trainer.fit(resume=resume, restart=restart)
     except BaseException:
-        if created and world.is_main and not run.config.exists():  # nothing of a run was written: leave no folder
-            shutil.rmtree(run.path, ignore_errors=True)
+        if not resume and trainer is None and world.is_main:  # a new run that never started training
+            _remove_new_entries(run, kept)
         raise
 
 
-def _train_locked(cfg: RunConfig, run: RunDir, *, device, resume: bool, restart: bool, progress: bool, world):
+def _existing_entries(run: RunDir) -> set[str] | None:
+    """For a new run: check the folder (RunDir.prepare_new); the names already in it (an empty or
+    marker-only folder), or None when there is no folder yet (qkv will create it)."""
+    if run.prepare_new():
+        return None
+    return {p.name for p in run.path.iterdir()}
+
+
+def _remove_new_entries(run: RunDir, kept: set[str] | None) -> None:
+    """Undo a new run's failed set-up: the folder if qkv created it, else only the entries it added."""
+    if kept is None:
+        shutil.rmtree(run.path, ignore_errors=True)
+        return
+    for entry in run.path.iterdir() if run.path.is_dir() else ():
+        if entry.name not in kept:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _set_up(cfg: RunConfig, run: RunDir, *, device, resume: bool, restart: bool, progress: bool, world):
+    """Read the data, build the tokenizers and the model, check a resume, write config.json: the Trainer.
+
+    The model is built before config.json is written, so a config that cannot make a model leaves
+    no run behind (a new run's failed set-up is removed by train_run)."""
     from qkv import distributed
     from qkv.train import Trainer, check_resume
 
     model = None
     if world.is_main:
         task = cfg.spec.make_task(cfg, run.path, resume=resume)
-        if resume:  # everything is read and checked before the first byte is written
-            model = task.build_model()
+        model = task.build_model()  # everything is read and checked before config.json is written
+        if resume:
             check_resume(run, model, restart=restart)
         save_config(run.path, task.cfg)
     distributed.barrier()
     if not world.is_main:
         resolved = read_run_config(run.path)
         task = resolved.spec.make_task(resolved, run.path, resume=True)
-    trainer = Trainer(task, task.cfg.train, run.path, device=device, model=model, progress=progress,
-                      rank=world.rank, world_size=world.world_size)
-    return trainer.fit(resume=resume, restart=restart)
+    return Trainer(task, task.cfg.train, run.path, device=device, model=model, progress=progress,
+                   rank=world.rank, world_size=world.world_size)
