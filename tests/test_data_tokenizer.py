@@ -233,3 +233,23 @@ def test_char_tokenizer_on_tinyshakespeare():
     tok = CharTokenizer.from_text(text)
     assert tok.vocab_size == 3 + 65
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_ids_other_than_0_to_3_round_trip_through_a_sidecar(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from qkv.data.tokenizer import specials_path
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token=None))
+    tok.add_special_tokens(["<|endoftext|>"])
+    ours = TextTokenizer(tok, pad_id=2, bos_id=2, eos_id=2, unk_id=None)
+    ours.save(tmp_path / "tokenizer.json")
+    assert specials_path(tmp_path / "tokenizer.json") == tmp_path / "tokenizer.specials.json"
+    again = TextTokenizer.load(tmp_path / "tokenizer.json")
+    assert again.special_ids == {"pad": 2, "bos": 2, "eos": 2, "unk": None}
+    assert again.decode([0, 1, 2, 0]) == again.tokenizer.decode([0, 1], skip_special_tokens=True)  # stops at eos
+    with pytest.raises(DataError, match=r"id 1 must be the special eos token \(eos_id\), got 'b'"):
+        TextTokenizer(tok, pad_id=2, bos_id=2, eos_id=1, unk_id=None)
+    default = train_bpe(["a b c a b c"] * 5, 30)
+    default.save(tmp_path / "bpe.json")
+    assert not (tmp_path / "bpe.specials.json").exists()  # ids 0..3: the file set is what it always was

@@ -57,7 +57,9 @@ def _configs(root: Path) -> dict[str, dict]:
     embedding = {**cls, "task": "embedding", "data": {**cls["data"], "samples_per_class": 2},
                  "model": {**cls["model"], "pooling": "mean"}}
     image = image_config(root / "images.npz")
-    return {"marian": marian, "marian_separate": separate, "gpt2": _lm(root / "text.txt", activation="gelu_tanh"),
+    swish = {**marian, "model": {**marian["model"], "activation": "silu"}}  # opus-mt's activation
+    return {"marian": marian, "marian_separate": separate, "marian_silu": swish,
+            "gpt2": _lm(root / "text.txt", activation="gelu_tanh"),
             "llama": bpe, "classifier": cls, "embedding": embedding, "vit": image,
             "vit_embedding": {**image, "task": "image_embedding"},
             "rnn": {**marian, "task": "translation-rnn",
@@ -103,11 +105,13 @@ def test_marian_permutation_maps_the_interleaved_table_onto_marians():
     torch.testing.assert_close(table[:, perm], marian)
 
 
-@pytest.mark.parametrize("name", ["marian", "marian_separate"])
+@pytest.mark.parametrize("name", ["marian", "marian_separate", "marian_silu"])
 def test_marian_logits_greedy_tokens_and_tokenizer_equal_qkv(runs, exported, name):
     from qkv.decode import greedy_decode
 
     run = qkv.load(runs[name])
+    wanted = {"relu": "relu", "gelu": "gelu", "silu": "swish"}[run.cfg.model.activation]
+    assert json.loads((exported[name] / CONFIG_FILE).read_text())["activation_function"] == wanted
     src_tok, tgt_tok = run.artifacts
     hf = _quiet(transformers.MarianMTModel, exported[name])
     tok = transformers.AutoTokenizer.from_pretrained(exported[name])

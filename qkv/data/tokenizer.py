@@ -169,8 +169,9 @@ def _read_specials(path: Path, tokenizer: Tokenizer) -> dict[str, int | None]:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
             raise DataError(f'{path}: "{role}" must be {{"id": int, "token": str}}, got {entry!r}')
         if tokenizer.id_to_token(entry["id"]) != entry.get("token"):
+            found = tokenizer.id_to_token(entry["id"])
             raise DataError(f"{path}: {role} is {entry.get('token')!r} at id {entry['id']}, but the tokenizer has "
-                            f"{tokenizer.id_to_token(entry['id'])!r} there (the files belong to different vocabularies)")
+                            f"{found!r} there (the files belong to different vocabularies)")
         ids[f"{role}_id"] = entry["id"]
     return ids
 
