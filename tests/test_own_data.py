@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qkv.cli import main
 from qkv.data.classification import read_labelled
@@ -212,3 +213,19 @@ def test_text_lm_example_trains(tmp_path):
     assert main(["train", "configs/text-lm.yaml", "--out", str(tmp_path / "run"), "--quiet",
                  *_sets([f"data.train=[{text}]", *TINY_LM])]) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_every_train_command_of_the_page_loads(tmp_path):
+    import shlex
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "own-data.md").read_text(encoding="utf-8")
+    commands = [line.strip() for line in page.splitlines() if line.strip().startswith("qkv train ")]
+    assert len(commands) >= 6
+    for command in commands:
+        words = shlex.split(command)
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        cfg = load_config(words[2], sets)
+        for item in sets:
+            key, _, value = item.partition("=")
+            section, field = key.split(".")
+            assert getattr(getattr(cfg, section), field) == yaml.safe_load(value), (command, item)
