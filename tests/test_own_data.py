@@ -229,3 +229,13 @@ def test_every_train_command_of_the_page_loads(tmp_path):
             key, _, value = item.partition("=")
             section, field = key.split(".")
             assert getattr(getattr(cfg, section), field) == yaml.safe_load(value), (command, item)
+
+
+def test_an_unknown_header_is_an_error_that_lists_it_and_says_how_to_choose(tmp_path):
+    path = tmp_path / "eval.tsv"
+    path.write_text("verdict\tcomment\npos\ta dog\nneg\ta cat\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"eval\.tsv:1: \['verdict', 'comment'\] was read as data .* 'verdict' is not "
+                                        r"a label .* data\.label_column=NAME data\.text_column=NAME"):
+        read_labelled(path, label_names=["neg", "pos"])
+    named = read_labelled(path, label_column="verdict", text_column="comment", label_names=["neg", "pos"])
+    assert named.labels == [1, 0]

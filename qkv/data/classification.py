@@ -80,8 +80,14 @@ def read_labelled(path: str | os.PathLike, *, label_column: str | int | None = N
     fields are DataErrors naming ``path:line``.
     """
     rows, lines = _read_rows(path)
-    header = _has_header(rows[0], label_column, text_column) if header is None else header
+    guessed = header is None
+    header = _has_header(rows[0], label_column, text_column) if guessed else header
     label_i, text_i, rows, lines = _choose_columns(str(path), rows, lines, header, label_column, text_column)
+    if guessed and not header and label_names is not None and rows[0][label_i].strip() not in label_names:
+        raise DataError(f"{path}:1: {list(rows[0])} was read as data (it names no known column), but "
+                        f"{rows[0][label_i].strip()!r} is not a label of the training data {list(label_names)[:20]}; "
+                        "if line 1 is a header, choose the columns: data.label_column=NAME data.text_column=NAME "
+                        "(or data.header=true)")
     texts, raw = [], []
     for row, line in zip(rows, lines):
         label, text = row[label_i].strip(), row[text_i]
