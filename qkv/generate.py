@@ -171,8 +171,11 @@ def _stream(model, histories: list[list[int]], cfg: SamplingConfig, window, gene
     if not rows or cfg.max_new_tokens == 0:
         return
     logits = window.start(histories)  # (B, V)
+    # Padding is never generated, unless the pad token is also end or start of text (GPT-2: one
+    # <|endoftext|> for all three), which a model must be able to say.
+    block_pad = mcfg.vocab_size > 1 and mcfg.pad_id not in (mcfg.eos_id, mcfg.bos_id)
     for step in range(cfg.max_new_tokens):
-        if mcfg.vocab_size > 1:
+        if block_pad:
             logits[:, mcfg.pad_id] = float("-inf")
         tokens = sample_next(logits, cfg, generator=generator)  # (B,)
         out: list[int | None] = [None] * len(histories)
