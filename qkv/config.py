@@ -121,78 +121,47 @@ class TrainConfig:
     """The optimisation recipe. Defaults are the paper's (sec. 5.3, 5.4) where it gives one."""
 
     optimizer: str = "adam"          # "adam" (paper) or "adamw"
-    lr: float = 7e-4                 # peak learning rate; the paper's d_model^-0.5 * warmup^-0.5 for base
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-9
-    weight_decay: float = 0.0
-    layer_lr_decay: float = 1.0      # layer-wise LR: layer i of n gets lr * decay^(n - i); 1.0 = off
+    lr: float = ranged(7e-4, gt=0.0)  # peak learning rate; the paper's d_model^-0.5 * warmup^-0.5 for base
+    betas: tuple[float, float] = ranged((0.9, 0.98), ge=0.0, lt=1.0)
+    eps: float = ranged(1e-9, gt=0.0)
+    weight_decay: float = ranged(0.0, ge=0.0)
+    layer_lr_decay: float = ranged(1.0, gt=0.0, le=1.0)  # layer i of n gets lr * decay^(n - i); 1.0 = off
     schedule: str = "noam"           # "noam" (= inverse square root), "cosine", "linear", "constant"
-    warmup_steps: int = 4000
-    min_lr_ratio: float = 0.0        # cosine/linear decay floor, as a fraction of lr
-    max_steps: int = 100_000
-    label_smoothing: float = 0.1
-    clip_grad_norm: float = 0.0      # 0 = no clipping
-    accumulate: int = 1              # micro-batches per optimizer step
+    warmup_steps: int = ranged(4000, ge=0)
+    min_lr_ratio: float = ranged(0.0, ge=0.0, le=1.0, note="a fraction of train.lr")  # cosine/linear decay floor
+    max_steps: int = ranged(100_000, gt=0)
+    label_smoothing: float = ranged(0.1, ge=0.0, lt=1.0)
+    clip_grad_norm: float = ranged(0.0, ge=0.0, note="0 = no clipping")
+    accumulate: int = ranged(1, gt=0)  # micro-batches per optimizer step
     precision: str = "auto"          # "auto" (bf16 autocast on CUDA with bf16, else fp32), "fp32", "bf16"
     compile: bool = False            # torch.compile the model for training
-    log_every: int = 50
-    eval_every: int = 1000
-    save_every: int = 1000
-    keep_checkpoints: int = 5
-    average_last: int = 0            # average the last k checkpoints into the final model (sec. 6.1)
-    patience: int = 0                # early stopping after this many evaluations without improvement; 0 = off
+    log_every: int = ranged(50, gt=0)
+    eval_every: int = ranged(1000, gt=0)
+    save_every: int = ranged(1000, gt=0)
+    keep_checkpoints: int = ranged(5, gt=0)
+    average_last: int = ranged(0, ge=0, note="0 = off")  # average the last k checkpoints into the final model (6.1)
+    patience: int = ranged(0, ge=0, note="0 = no early stopping")  # evaluations without improvement before stopping
     on_nan: str = "stop"             # "stop" or "skip" the step when the loss is NaN/Inf
-    max_skipped: int = 10            # with on_nan="skip": stop after this many consecutive bad steps
-    seed: int = 1
+    max_skipped: int = ranged(10, gt=0)  # with on_nan="skip": stop after this many consecutive bad steps
+    seed: int = ranged(1, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
     parallel: str = "ddp"            # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 fully_shard)
-    peak_tflops: float = 0.0         # per-device peak for the MFU figure; 0 = $QKV_PEAK_TFLOPS, else measured on CUDA
+    peak_tflops: float = ranged(0.0, ge=0.0, note="0 = measure")  # per-device peak for MFU: 0 = $QKV_PEAK_TFLOPS,
+    #                                                              else measured on CUDA
 
     def __post_init__(self):
+        check_ranges(self, prefix="train.", error=ConfigError)
         choices = {"optimizer": ("adam", "adamw"), "schedule": ("noam", "cosine", "linear", "constant"),
                    "precision": ("auto", "fp32", "bf16"), "on_nan": ("stop", "skip"),
                    "parallel": ("ddp", "fsdp")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        floats = {name: getattr(self, name) for name in ("lr", "eps", "weight_decay", "layer_lr_decay", "min_lr_ratio",
-                                                         "label_smoothing", "clip_grad_norm", "peak_tflops")}
-        for key, value in {**floats, **{f"betas[{i}]": b for i, b in enumerate(self.betas)}}.items():
-            _check_finite(f"train.{key}", value)  # NaN passes every comparison below
-        positive = ("lr", "eps", "max_steps", "accumulate", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                    "max_skipped")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "clip_grad_norm", "warmup_steps", "average_last", "patience", "peak_tflops"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0{_OFF.get(name, '')}, got {getattr(self, name)}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.average_last > self.keep_checkpoints:
             raise ConfigError(f"train.average_last={self.average_last} needs train.keep_checkpoints >= it, "
                               f"got {self.keep_checkpoints}")
-        self._check_ranges()
-
-    def _check_ranges(self) -> None:
-        """The fields bounded on both sides (intervals as in the paper's notation)."""
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if not 0.0 < self.layer_lr_decay <= 1.0:
-            raise ConfigError(f"train.layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"train.min_lr_ratio must be in [0, 1] (a fraction of train.lr), got {self.min_lr_ratio}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.seed < 2**32:  # numpy's seeds are 32-bit
-            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
-
-
-_OFF = {"clip_grad_norm": " (0 = no clipping)", "patience": " (0 = no early stopping)", "average_last": " (0 = off)",
-        "peak_tflops": " (0 = measure)"}
-
-
-def _check_finite(key: str, value: float) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
 class _OutOfRange(ConfigError):
