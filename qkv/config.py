@@ -131,7 +131,7 @@ class TrainConfig:
     min_lr_ratio: float = ranged(0.0, ge=0.0, le=1.0, note="a fraction of train.lr")  # cosine/linear decay floor
     max_steps: int = ranged(100_000, gt=0)
     label_smoothing: float = ranged(0.1, ge=0.0, lt=1.0)
-    clip_grad_norm: float = ranged(0.0, ge=0.0, note="0 = no clipping")
+    clip_grad_norm: float = ranged(0.0, ge=0.0, note="0 = no clipping")  # 0 = no clipping
     accumulate: int = ranged(1, gt=0)  # micro-batches per optimizer step
     precision: str = "auto"          # "auto" (bf16 autocast on CUDA with bf16, else fp32), "fp32", "bf16"
     compile: bool = False            # torch.compile the model for training
