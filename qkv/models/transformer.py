@@ -208,7 +208,8 @@ class Transformer(nn.Module):
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, record: AttentionRecord | None = None) -> torch.Tensor:
         """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V).
 
-        ``record``: an AttentionRecord; weights land in ``record.weights[kind][layer]``, kind "encoder", "decoder" or "cross".
+        ``record``: an AttentionRecord; weights land in ``record.weights[kind][layer]``, kind "encoder",
+        "decoder" or "cross".
         """
         return self.output(self.features(src, tgt, record=record))  # (B, T, V)
 
