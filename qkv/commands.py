@@ -22,11 +22,12 @@ from qkv.errors import ConfigError, DataError
 
 log = logging.getLogger("qkv")
 
-DATASETS = ("multi30k", "tinyshakespeare", "sst2")
+DATASETS = ("multi30k", "tinyshakespeare", "sst2")  # as qkv.data.fetch.DATASETS (a test keeps them equal)
 #: with several prompts, `qkv generate` ends each sample with this line
 SAMPLE_SEPARATOR = "-" * 40
-#: QKV_MAX_STEPS=N caps train.max_steps of `qkv train` and `qkv cv` (the README test's short runs)
-MAX_STEPS_ENV = "QKV_MAX_STEPS"
+#: QKV_MAX_STEPS=N caps train.max_steps of `qkv train` and `qkv cv`; QKV_SET="KEY=VALUE;KEY=VALUE" adds
+#: overrides after the command's own --set (the README test's short runs of the presets)
+MAX_STEPS_ENV, SET_ENV = "QKV_MAX_STEPS", "QKV_SET"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and args.output is None:
         raise ConfigError("--resume needs --output RUN_DIR (the run to continue)")
     args.config = str(_config_file(args.config))
-    args.set = [*args.set, *_max_steps_override()]
+    args.set = [*args.set, *_env_overrides()]
     out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
     # torchrun --max-restarts: a restarted worker continues the run its first attempt started
     restarted = distributed.restart_count() > 0
@@ -190,22 +191,22 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _config_file(name_or_path: str) -> Path:
     """A config file, or the file of a preset shipped with qkv (``qkv config list``)."""
-    try:
-        from qkv.presets import resolve_config
-    except ImportError:  # until qkv.presets lands (issue 21, the "data" half): files only
-        return Path(name_or_path)
+    from qkv.presets import resolve_config
+
     return resolve_config(name_or_path)
 
 
-def _max_steps_override() -> list[str]:
-    """``train.max_steps=N`` when QKV_MAX_STEPS=N is set (a quick check of a long recipe), else nothing."""
+def _env_overrides() -> list[str]:
+    """The overrides QKV_MAX_STEPS=N and QKV_SET ask for (a quick check of a long recipe), each logged."""
+    overrides = [item.strip() for item in os.environ.get(SET_ENV, "").split(";") if item.strip()]
     raw = os.environ.get(MAX_STEPS_ENV, "").strip()
-    if not raw:
-        return []
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(f"{MAX_STEPS_ENV}={raw!r}: expected an int >= 1")
-    log.info("%s=%s: train.max_steps is capped at %s", MAX_STEPS_ENV, raw, raw)
-    return [f"train.max_steps={int(raw)}"]
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{MAX_STEPS_ENV}={raw!r}: expected an int >= 1")
+        overrides.append(f"train.max_steps={int(raw)}")
+    if overrides:
+        log.info("from the environment (%s, %s): --set %s", MAX_STEPS_ENV, SET_ENV, " --set ".join(overrides))
+    return overrides
 
 
 def _check_resume_config(path: str, stored) -> None:
@@ -227,7 +228,7 @@ def cmd_cv(args: argparse.Namespace) -> None:
 
     config = str(_config_file(args.config))
     out = Path(args.output) if args.output else Path("runs") / f"cv-{Path(config).stem}"
-    result = cross_validate(config, out, folds=args.folds, overrides=[*args.set, *_max_steps_override()],
+    result = cross_validate(config, out, folds=args.folds, overrides=[*args.set, *_env_overrides()],
                             jobs=args.jobs, threads=args.threads, device=args.device, seeds=args.seeds, tta=args.tta)
     print(json.dumps({"cv_dir": str(out), **{k: result[k] for k in ("metric", "folds", "recipe", "mean", "std",
                                                                      "pooled")},
@@ -383,7 +384,7 @@ def cmd_attention(args: argparse.Namespace) -> None:
         _note_tta(load(args.run_dir), None, used=False)
     print(json.dumps(draw_run_attention(args.run_dir, args.output, text=args.text, image=args.image, kind=args.kind,
                                         layer=args.layer, head=args.head, max_tokens=args.max_tokens,
-                                        device=resolve_device(args.device))))
+                                        device=resolve_device(args.device or "cpu"))))
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -424,15 +425,10 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from qkv.data import fetch as fetchers
+    from qkv.data.fetch import fetch
 
     out = Path(args.output) if args.output else Path("data") / args.name
-    if hasattr(fetchers, "fetch"):
-        written = fetchers.fetch(args.name, out, url=args.url)
-    else:  # until the other fetchers land (issue 21, the "data" half)
-        if args.name != "multi30k":
-            raise ConfigError(f"qkv data {args.name}: not available yet")
-        written = fetchers.fetch_multi30k(out, **({"base_url": args.url} if args.url else {}))
+    written = fetch(args.name, out, url=args.url)
     print(json.dumps({"dataset": args.name, "dir": str(out), "files": [str(p) for p in written]}))
 
 

@@ -195,9 +195,26 @@ def test_tta_is_stated_where_used(caplog):
     assert len(said) == 2 and "test-time augmentation is on" in said[0] and "without" in said[1]
 
 
-def test_qkv_max_steps_caps_training(monkeypatch):
+def test_qkv_max_steps_and_qkv_set_shorten_training(monkeypatch):
     monkeypatch.setenv(commands.MAX_STEPS_ENV, "2")
-    assert commands._max_steps_override() == ["train.max_steps=2"]
+    monkeypatch.setenv(commands.SET_ENV, "data.batch_size=4; model.n_layers=1")
+    assert commands._env_overrides() == ["data.batch_size=4", "model.n_layers=1", "train.max_steps=2"]
     monkeypatch.setenv(commands.MAX_STEPS_ENV, "x")
     with pytest.raises(Exception, match="QKV_MAX_STEPS"):
-        commands._max_steps_override()
+        commands._env_overrides()
+
+
+def test_qkv_data_offers_every_fetcher_and_config_lists_the_presets(capsys):
+    from qkv.data.fetch import DATASETS
+    from qkv.presets import list_presets
+
+    assert commands.DATASETS == DATASETS
+    assert main(["config", "list"]) == 0
+    names = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == [name for name, _ in list_presets()] and "shakespeare-char" in names
+    assert main(["config", "show", "shakespeare-char"]) == 0
+    assert "task: lm" in capsys.readouterr().out
+    assert main(["config", "keys", "shakespeare-char", "--quiet"]) == 0
+    assert any(line.startswith("train.max_steps\t") for line in capsys.readouterr().out.splitlines())
+    assert main(["train", "no-such-preset"]) == 2
+    assert "shakespeare-char" in capsys.readouterr().err  # the error lists the presets
