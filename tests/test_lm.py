@@ -136,3 +136,15 @@ def test_tied_embeddings_and_attention_on_request():
     assert list(record.weights) == ["decoder"] and set(attention) == {1} and attention[1].shape == (1, 4, 8, 8)
     torch.testing.assert_close(logits, model(x))
     assert torch.all(attention[1].triu(1) == 0)  # causal: nothing above the diagonal
+
+
+def test_a_character_outside_the_vocabulary_is_named_by_file_line_and_column():
+    from qkv.data.tokenizer import CharTokenizer
+    from qkv.errors import DataError
+    from qkv.tasks.lm import encode_file_text
+
+    tok = CharTokenizer.from_text("abc \n")
+    assert encode_file_text(tok, "abc\ncab\n", name="held.txt") == tok.encode("abc\ncab\n")
+    with pytest.raises(DataError, match=r"^held\.txt:3:2: 1 characters not in the vocabulary: '€'") as info:
+        encode_file_text(tok, "abc\nab c\na€c\n", name="held.txt")
+    assert "index" not in str(info.value)

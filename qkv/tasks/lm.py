@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -132,6 +133,30 @@ def start_from(cfg):
                                                   vocab_size=source.data.vocab_size))
 
 
+def encode_file_text(tokenizer, content: str, *, name: str) -> list[int]:
+    """``tokenizer.encode(content)``; a character the vocabulary lacks is an error naming FILE:LINE:COLUMN."""
+    try:
+        return tokenizer.encode(content)
+    except DataError:
+        for lineno, line in enumerate(content.split("\n"), start=1):
+            try:
+                tokenizer.encode(line)
+            except DataError as err:
+                column = next((i for i, ch in enumerate(line, start=1) if _unknown(tokenizer, ch)), None)
+                where = f"{name}:{lineno}" + (f":{column}" if column else "")
+                message = re.sub(r"; first at index \d+$", "", str(err).removeprefix("text: "))
+                raise DataError(f"{where}: {message}") from None
+        raise
+
+
+def _unknown(tokenizer, ch: str) -> bool:
+    try:
+        tokenizer.encode(ch)
+    except DataError:
+        return True
+    return False
+
+
 def text_scores(loss: float, tokenizer, *, chars_per_token: float) -> dict[str, float]:
     """Perplexity per token, and bits per character (for BPE: nats per token spread over its characters)."""
     ppl = math.exp(loss) if loss < 700 else float("inf")
@@ -219,7 +244,7 @@ class LanguageModelRun(LoadedRun):
         if not text:
             raise ConfigError(f"{self.run_dir} is a language-model run: evaluate needs a text file (--text FILE)")
         content = read_text(text)
-        ids = self.artifacts.encode(content)
+        ids = encode_file_text(self.artifacts, content, name=str(text))
         if len(ids) < 2:
             raise ConfigError(f"--text {text}: too short to evaluate ({len(ids)} tokens)")
         scored = perplexity_on_ids(self.model, ids, block_size=self.cfg.model.block_size)
