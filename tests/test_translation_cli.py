@@ -51,6 +51,17 @@ def test_translate_file_and_stdin(trained, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == "a big house\n"
 
 
+def test_a_source_far_longer_than_training_is_refused_naming_its_line(trained, tmp_path, capsys):
+    """data.max_len is 32 here: a line of 4 x 32 tokens and more is refused, fast, before any output."""
+    src = tmp_path / "long.txt"
+    src.write_text("the red dog runs\n" + " ".join(["blue"] * 400) + "\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    assert main(["translate", str(trained / "run"), "--input", str(src), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qkv: error: {src}:2: ") and "data.max_len" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_run_directory_describes_itself(trained):
     run = trained / "run"
     config = json.loads((run / "config.json").read_text())

@@ -27,6 +27,7 @@ from qkv.tasks.inference import LoadedRun, as_list
 
 log = logging.getLogger(__name__)
 
+LENGTH_FACTOR = 4  # translate: sources up to 4 x the longest training pair (data.max_len tokens)
 SRC_TOKENIZER, TGT_TOKENIZER = "src_tokenizer.json", "tgt_tokenizer.json"
 
 
@@ -302,6 +303,7 @@ class TranslationRun(LoadedRun):
             raise ValueError(f"beam must be an int >= 1, got {beam!r}")
         keep = [i for i, text in enumerate(texts) if text.strip()]
         src_tok, tgt_tok = self.artifacts
+        self._check_lengths(src_tok, texts, keep, names)
         from qkv.decode import translate
 
         hyps = translate(self.model, src_tok, tgt_tok, [texts[i] for i in keep], beam_size=beam,
@@ -311,6 +313,16 @@ class TranslationRun(LoadedRun):
         for i, hyp in zip(keep, hyps):
             out[i] = hyp
         return out
+
+    def _check_lengths(self, src_tok, texts, keep, names) -> None:
+        """A source far longer than any the model was trained on (LENGTH_FACTOR x data.max_len tokens) is
+        an error naming its line: it would not translate well, and attention's cost grows with its square."""
+        limit = LENGTH_FACTOR * self.cfg.data.max_len
+        for i, ids in zip(keep, src_tok.encode_batch([texts[i] for i in keep])):
+            if len(ids) > limit:
+                where = names[i] if names is not None else f"text {i + 1}"
+                raise DataError(f"{where}: {len(ids)} tokens, more than {LENGTH_FACTOR} x the {self.cfg.data.max_len} "
+                                "the model was trained on (data.max_len): split it into sentences")
 
     def _evaluate(self, *, src=None, ref=None, beam=None, output=None) -> dict:
         """sacreBLEU and chrF of the translations of ``src`` against ``ref`` (aligned files); ``output``
