@@ -169,7 +169,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.resume = True
     if args.resume and args.output is None:
         raise ConfigError("--resume needs --output RUN_DIR (the run to continue)")
-    args.config = str(_config_file(args.config))
+    try:
+        args.config = str(_config_file(args.config))
+    except ConfigError as err:
+        if not args.resume:
+            raise
+        raise ConfigError(f"{err}; with --resume the run's stored config.json is used, but CONFIG must still "
+                          "name an existing file or a preset") from None
     args.set = [*args.set, *_env_overrides()]
     out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
     # torchrun --max-restarts: a restarted worker continues the run its first attempt started
