@@ -170,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and args.output is None:
         raise ConfigError("--resume needs --output RUN_DIR (the run to continue)")
     try:
-        args.config = str(_config_file(args.config))
+        args.config = str(_config_file(args.config, strict=not args.resume))  # --resume: CONFIG is checked below
     except ConfigError as err:
         if not args.resume:
             raise
@@ -195,11 +195,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
 
 
-def _config_file(name_or_path: str) -> Path:
-    """A config file, or the file of a preset shipped with qkv (``qkv config list``)."""
+def _config_file(name_or_path: str, *, strict: bool = True) -> Path:
+    """A config file, or the file of a preset shipped with qkv (``qkv config list``); neither is an error
+    listing the presets, unless not ``strict`` (then the path as given)."""
     from qkv.presets import resolve_config
 
-    return resolve_config(name_or_path)
+    try:
+        return resolve_config(name_or_path)
+    except ConfigError:
+        if strict:
+            raise
+        return Path(name_or_path)
 
 
 def _env_overrides() -> list[str]:
