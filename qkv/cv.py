@@ -46,7 +46,9 @@ from qkv.errors import ConfigError, TrainingError
 log = logging.getLogger(__name__)
 
 def fold_overrides(folds: int, fold: int) -> list[str]:
-    return [f"data.cv_folds={folds}", f"data.cv_fold={fold}"]
+    """What makes run k a fold: fold k held out, and (whatever the preset's final fit says) the
+    validation images not trained on, since the fold is scored on them."""
+    return [f"data.cv_folds={folds}", f"data.cv_fold={fold}", "data.train_on_valid=false"]
 
 
 def check_config(config: str | Path, overrides: list[str], folds: int):
@@ -62,6 +64,11 @@ def check_config(config: str | Path, overrides: list[str], folds: int):
     if task not in able:
         raise ConfigError(f"{config}: cross-validation needs an image task, one that records its split "
                           f"({' or '.join(able)}), got task {task!r}")
+    if getattr(load_config(config, overrides).data, "train_on_valid", False) and any(
+            o.split("=", 1)[0].strip() == "data.train_on_valid" for o in overrides):
+        raise ConfigError("--set data.train_on_valid=true: data.cv_folds and data.train_on_valid exclude each other "
+                          "(each fold is scored on the images it holds out; the preset's final fit is turned off "
+                          "for the folds)")
     return load_config(config, [*overrides, *fold_overrides(folds, 0)])
 
 
