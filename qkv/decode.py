@@ -32,6 +32,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from qkv import progress
 from qkv.errors import DataError
 from qkv.record import AttentionRecord
 
@@ -406,6 +407,7 @@ def translate(model: Seq2Seq, src_tok: Tokenizer, tgt_tok: Tokenizer, sentences:
     ids = [src_tok.encode(s) + [src_tok.eos_id] for s in sentences]
     _check_source_lengths(model.max_source_len, ids, names)
     out: list[str] = [""] * len(ids)
+    progress.expect(len(ids))  # qkv evaluate's progress line (a no-op when none is active)
     for batch in _batches([len(x) for x in ids], batch_size, max_tokens):
         src = torch.full((len(batch), len(ids[batch[0]])), src_tok.pad_id, dtype=torch.long)  # (B, S)
         for row, i in enumerate(batch):
@@ -418,4 +420,5 @@ def translate(model: Seq2Seq, src_tok: Tokenizer, tgt_tok: Tokenizer, sentences:
                                max_len_a=max_len_a, max_len_b=max_len_b)
         for i, h in zip(batch, hyps):
             out[i] = tgt_tok.decode(h)
+        progress.tick(len(batch))
     return out

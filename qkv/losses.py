@@ -167,7 +167,8 @@ def chunked_projection_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     ignore_index=ignore_index, label_smoothing=eps, reduction="sum") / max(n_tokens, 1)``, i.e.
     qkv.tasks.translation.sequence_loss, with n_tokens the targets that are not ``ignore_index``.
     Logits are computed in hidden's dtype (autocast's under autocast) and reduced in float32, as
-    there; float64 stays float64. Smoothing is F.cross_entropy's (Szegedy et al. 2016, sec. 7; sec. 5.4 of the paper), per token::
+    there; float64 stays float64. Smoothing is F.cross_entropy's (Szegedy et al. 2016, sec. 7; sec. 5.4
+    of the paper), per token::
 
         loss_i = (1 - eps) * (lse_i - z_iy) + eps * (lse_i - mean_j z_ij),  lse_i = log sum_j exp z_ij
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+import qkv
 from qkv.cli import main
 from tests.helpers import tiny_translation_config, write_config, write_copy_corpus
 
@@ -147,3 +148,20 @@ def test_data_command_fetches_from_a_mirror(tmp_path, capsys):
     shutil.rmtree(mirror)
     assert main(["data", "multi30k", "--out", str(tmp_path / "other"), "--url", mirror.as_uri()]) == 2
     assert "qkv: error:" in capsys.readouterr().err
+
+
+
+def test_evaluate_ticks_the_active_progress_from_the_decoding_loop(trained, monkeypatch):
+    """qkv evaluate's progress line is moved by the loop that does the work: every sentence is counted."""
+    import io
+
+    from qkv import progress
+
+    seen = []
+    run, data = trained / "run", trained / "data"
+    n = len((data / "val.src").read_text(encoding="utf-8").splitlines())
+    line = progress.Progress(desc="evaluate", unit="sentence", every_n=7, stream=io.StringIO(), bar=False)
+    monkeypatch.setattr(line, "_emit", lambda now: seen.append((line.done, line.total)))
+    with progress.active(line):
+        qkv.load(run).evaluate(src=str(data / "val.src"), ref=str(data / "val.tgt"), beam=1)
+    assert line.done == line.total == n and seen and seen[-1] == (n, n)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qkv import losses
+from qkv import losses, progress
 from qkv.config import check_ranges, ranged, write_json
 from qkv.convert import load_hf_bert
 from qkv.data.classification import (
@@ -293,11 +293,13 @@ def forward_all(model, ids: list[list[int]], *, batch_size: int, pad_id: int) ->
     """The model's outputs (N, ...) for pre-encoded texts, batched by length, in the order given."""
     device = next(model.parameters()).device
     outputs = [None] * len(ids)
+    progress.expect(len(ids))  # qkv evaluate's progress line (a no-op when none is active)
     for index in length_sorted_batches([len(x) for x in ids], batch_size):
         batch = pad_batch([ids[i] for i in index], pad_id)
         out = model(batch.ids.to(device), segment_ids=batch.segment_ids.to(device), mask=batch.mask.to(device))
         for i, row in zip(index, out.float()):
             outputs[i] = row
+        progress.tick(len(index))
     return torch.stack(outputs)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qkv import progress
 from qkv.config import check_ranges, ranged, write_json
 from qkv.data.classification import class_balanced_batches, sentence_batches
 from qkv.data.images import (
@@ -323,7 +324,12 @@ class ImageEmbeddingTask:
 def forward_all(model, images: torch.Tensor, *, batch_size: int) -> torch.Tensor:
     """The model's outputs (N, ...) for normalised images (N, C, H, W), in batches, on the model's device."""
     device = next(model.parameters()).device
-    return torch.cat([model(chunk.to(device)).float() for chunk in images.split(batch_size)])
+    progress.expect(len(images))  # qkv evaluate's progress line (a no-op when none is active)
+    outputs = []
+    for chunk in images.split(batch_size):
+        outputs.append(model(chunk.to(device)).float())
+        progress.tick(len(chunk))
+    return torch.cat(outputs)
 
 
 def score_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
