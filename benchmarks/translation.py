@@ -5,7 +5,8 @@ Two like-for-like comparisons, same shapes, same synthetic token ids, fp32 on CP
     train   target tokens/s of one training step (forward, label-smoothed cross-entropy over non-pad
             targets, backward, AdamW step). Ours: qkv.models.transformer.Transformer and its
             teacher_forcing_loss (what TranslationTask.loss runs on a bare model: the output projection
-            fused with the loss, chunked, on the non-pad targets only). Baseline: TorchTransformer below, torch.nn.Transformer
+            fused with the loss, chunked, on the non-pad targets only). Baseline: TorchTransformer below,
+            torch.nn.Transformer
             (batch_first=True) between nn.Embedding + sinusoidal positions and a tied output Linear, called
             as its docs say, with the causal fast path (generate_square_subsequent_mask + tgt_is_causal=True,
             so the decoder's self-attention runs the is_causal kernel) and bool key-padding masks.

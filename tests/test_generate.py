@@ -87,7 +87,8 @@ def test_top_p_keeps_smallest_set_reaching_p(p, kept):
 
 def test_top_p_sampling_frequencies():
     logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log().expand(4000, 4)
-    ids = sample_next(logits, SamplingConfig(temperature=1.0, top_k=None, top_p=0.7), generator=torch.Generator().manual_seed(1))
+    sampling = SamplingConfig(temperature=1.0, top_k=None, top_p=0.7)
+    ids = sample_next(logits, sampling, generator=torch.Generator().manual_seed(1))
     counts = torch.bincount(ids, minlength=4).float() / ids.numel()
     assert counts[2:].sum() == 0
     assert abs(counts[0] - 2 / 3) < 0.03

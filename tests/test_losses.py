@@ -215,8 +215,8 @@ def plain_projection_loss(hidden, weight, targets, *, pad_id, label_smoothing):
     """The unfused path, qkv.tasks.translation.sequence_loss's arithmetic (float64 kept): (mean loss, n_tokens)."""
     n_tokens = int((targets != pad_id).sum())
     logits = F.linear(hidden, weight)  # (N, V)
-    loss_sum = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, ignore_index=pad_id,
-                               label_smoothing=label_smoothing, reduction="sum")
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss_sum = F.cross_entropy(wide, targets, ignore_index=pad_id, label_smoothing=label_smoothing, reduction="sum")
     return loss_sum / max(n_tokens, 1), n_tokens
 
 
@@ -326,7 +326,8 @@ def test_chunked_projection_ce_under_autocast_matches_the_plain_path():
     hidden, weight, targets = projection_batch(48, 16, 40, torch.float32, seed=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = [chunked_projection_cross_entropy(hidden, weight, targets, ignore_index=0, label_smoothing=0.1,
-                                                   chunk_size=20, recompute=recompute)[0] for recompute in (True, False)]
+                                                   chunk_size=20, recompute=recompute)[0]
+                  for recompute in (True, False)]
         ref, _ = plain_projection_loss(hidden, weight, targets, pad_id=0, label_smoothing=0.1)
     recomputed, eager = (torch.autograd.grad(loss, (hidden, weight)) for loss in losses)
     for a, b, want in zip(recomputed, eager, torch.autograd.grad(ref, (hidden, weight))):

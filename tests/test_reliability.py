@@ -79,7 +79,8 @@ def test_sigkill_at_random_moments_never_loses_the_last_checkpoint(tmp_path):
         before = ckpt.latest_checkpoint(run) if resume else None
         intact = digest(before) if before is not None else None
         # --restart: a trial killed before the first save has no checkpoint, and trains again from step 0
-        run_and_kill(["train", str(config), "--out", str(run), "--quiet", *(["--resume", "--restart"] if resume else [])],
+        again = ["--resume", "--restart"] if resume else []
+        run_and_kill(["train", str(config), "--out", str(run), "--quiet", *again],
                      rng.uniform(0.05, 1.2))
         latest = ckpt.latest_checkpoint(run)
         if latest is None:

@@ -72,7 +72,8 @@ def assert_same(a, b, m: Transformer, *, tol: float) -> None:
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("changes", [dict(), dict(norm_first=True, share_embeddings=True),
-                                     dict(tie_output=False, positional="rope")], ids=["post", "pre-shared", "untied-rope"])
+                                     dict(tie_output=False, positional="rope")],
+                         ids=["post", "pre-shared", "untied-rope"])
 def test_fused_loss_equals_sequence_loss_float32(eps, changes):
     m, b = model(**changes), batch()
     plain = value_and_grads(lambda: plain_loss(m, b, eps), m)
