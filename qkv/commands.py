@@ -61,15 +61,9 @@ def _input_items(path: str | None):
             raise DataError("<stdin>: standard input is closed; give --input FILE")
         yield from input_lines(sys.stdin.buffer, name="<stdin>")
         return
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a text file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-    with f:
+    from qkv.data.text import open_input
+
+    with open_input(path) as f:
         yield from input_lines(f, name=str(path))
 
 

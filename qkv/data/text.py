@@ -39,13 +39,22 @@ def read_lines(path: str | os.PathLike, *, max_chars: int | None = None, allow_e
     ``MAX_LINE_CHARS``) characters, and an empty file.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
+    with open_input(path) as f:
+        try:
             return list(iter_lines(f, name=str(path), max_chars=max_chars, allow_empty=allow_empty))
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def open_input(path: str | os.PathLike) -> BinaryIO:
+    """``open(path, "rb")``, its failure one DataError naming the file (and, for a file a fetcher writes,
+    the command that gets it)."""
+    try:
+        return open(path, "rb")
     except FileNotFoundError:
         from qkv.data.fetch import missing_file_hint  # fetch reads through this module
 
-        raise DataError(f"{path}: no such file{missing_file_hint(path)}") from None
+        raise DataError(f"{path}: no such file{missing_file_hint(Path(path))}") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a text file") from None
     except OSError as e:
